@@ -1,0 +1,152 @@
+"""The `ideoquant` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import IdeoquantError
+from .recipe import ALL_FORMATS
+
+log = logging.getLogger("ideoquant")
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def one_line_errors(func):
+    """Turn project errors (and interrupts, full disks, memory exhaustion) into one line and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except IdeoquantError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; partial outputs removed", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory", err=True)
+            sys.exit(1)
+        except OSError as e:
+            click.echo(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ideoquant")
+def main() -> None:
+    """Convert Ideogram 4 weights to INT8 W8A8, GGUF and NF4 checkpoints."""
+
+
+# --- synth -------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--layers", type=click.IntRange(1, 64), default=None, help="Blocks (default: 2 tiny, 34 full).")
+@click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp8", "bf16"]), default="fp8", show_default=True)
+@click.option("--layout", type=click.Choice(["fused", "diffusers"]), default="fused", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+@one_line_errors
+def synth(out: Path, layers: int | None, size: str, dtype: str, layout: str, seed: int, overwrite: bool) -> None:
+    """Write a synthetic Ideogram-4-shaped pipeline folder (both branches)."""
+    from .synth import write_synthetic_pipeline
+
+    _setup_logging()
+    dims = write_synthetic_pipeline(out, size=size, layers=layers, dtype=dtype, layout=layout, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {out} ({size}, {dims.num_layers} blocks, hidden {dims.hidden}, {dtype}, {layout} names)")
+
+
+# --- inspect -----------------------------------------------------------------------------
+
+@main.command()
+@click.argument("path", type=str)
+@click.option("--plan", "plan_fmt", type=click.Choice(ALL_FORMATS), default=None,
+              help="For a source: show the per-tensor type a format would choose.")
+@click.option("--metadata/--no-metadata", default=True, show_default=True, help="Print file metadata.")
+@one_line_errors
+def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
+    """Print a table of a source or an output: name, shape, dtype/type, bytes; metadata; totals."""
+    from .inspect import inspect_path
+
+    _setup_logging(quiet=True)
+    click.echo(inspect_path(path, plan_fmt=plan_fmt, show_metadata=metadata))
+
+
+# --- convert -----------------------------------------------------------------------------
+
+@main.command()
+@click.argument("src", type=str)
+@click.option("--format", "fmt", type=click.Choice(ALL_FORMATS), required=True, help="Output format.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--branches", type=click.Choice(["cond", "uncond", "both"]), default="both", show_default=True)
+@click.option("--imatrix", default=None, help="GGUF K-quants/Q4_0: 'ones' or a calibration statistics file.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None, help="INT8: statistics from `calibrate`.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="INT8: fixed SmoothQuant alpha.")
+@click.option("--protect", type=click.IntRange(0), default=17, show_default=True,
+              help="INT8: keep the N linears with the worst measured error in bf16.")
+@click.option("--protect-pattern", "protect_patterns", multiple=True, help="Keep linears matching this glob in bf16.")
+@click.option("--all-linears", is_flag=True, help="NF4: quantize the one-row adaLN linears too.")
+@click.option("--double-quant", is_flag=True, help="NF4: quantize the absmax statistics too.")
+@click.option("--layout", type=click.Choice(["diffusers", "fused"]), default="diffusers", show_default=True,
+              help="INT8/NF4 tensor names.")
+@click.option("--base-model", default=None, help="Hub id of the source, for the model card.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, calibration: Path | None,
+            alpha: float | None, protect: int, protect_patterns: tuple[str, ...], all_linears: bool,
+            double_quant: bool, layout: str, base_model: str | None, overwrite: bool, quiet: bool) -> None:
+    """Convert SRC (folder, file or Hub repo id) to FORMAT under OUT, then verify it."""
+    from .convert import ConvertOptions, convert as run_convert
+    from .report import summary_table
+
+    _setup_logging(quiet)
+    options = ConvertOptions(
+        fmt=fmt, out=out, branches=branches, overwrite=overwrite, quiet=quiet, imatrix=imatrix,
+        calibration=calibration, alpha=alpha, protect=protect, protect_patterns=protect_patterns,
+        all_linears=all_linears, double_quant=double_quant, layout=layout, base_model=base_model,
+    )
+    results = run_convert(src, options)
+    click.echo(summary_table(results))
+
+
+# --- demo --------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
+@click.option("--formats", default=None, help="Comma-separated subset of formats (default: all).")
+@one_line_errors
+def demo(out: Path, formats: str | None) -> None:
+    """Build a tiny synthetic FP8 checkpoint, convert it to every format, print a summary."""
+    from .demo import DEMO_FORMATS, run_demo
+
+    _setup_logging(quiet=True)
+    chosen = tuple(f.strip() for f in formats.split(",")) if formats else DEMO_FORMATS
+    click.echo(run_demo(out, chosen))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""ggml tensor types: float32 rows to ggml block bytes and back, vectorized in torch.
+
+One small class per type, as in gguf-py's quants.py. Encoders reproduce ggml's own
+output byte for byte (float32 arithmetic throughout); decoders reproduce the `gguf`
+package's numpy dequantizers bit for bit in float32. The K-quants and Q4_0 live in
+`ggml_kquants.py` and register themselves here.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from gguf import GGMLQuantizationType
+
+# Rows per vectorized chunk: bounds the temporaries of an encoder to a few hundred MB.
+DEFAULT_CHUNK_WEIGHTS = 1 << 24
+
+
+class GGMLType:
+    """One ggml tensor type: block geometry plus row encoder and decoder."""
+
+    qtype: ClassVar[GGMLQuantizationType]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+    # True for types whose encoder changes with an importance matrix (ggml's `_impl` path).
+    uses_imatrix: ClassVar[bool] = False
+
+    registry: ClassVar[dict[GGMLQuantizationType, type["GGMLType"]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "qtype" in cls.__dict__:
+            GGMLType.registry[cls.qtype] = cls
+
+    # --- per-block mechanics, overridden by each type -------------------------------
+    @classmethod
+    def quantize_blocks(cls, blocks: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Encode float32 [n, block_size] blocks (optional importance [n, block_size]) to uint8 [n, type_size]."""
+        raise NotImplementedError(f"{cls.__name__} has no encoder")
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """Decode uint8 [n, type_size] blocks to float32 [n, block_size]."""
+        raise NotImplementedError(f"{cls.__name__} has no decoder")
+
+    # --- row level, shared -------------------------------------------------------------
+    @classmethod
+    def row_bytes(cls, row_length: int) -> int:
+        """Bytes one row of `row_length` weights takes."""
+        return row_length // cls.block_size * cls.type_size
+
+    @classmethod
+    def can_encode(cls, row_length: int) -> bool:
+        """Whether rows of this length fit whole blocks."""
+        return row_length % cls.block_size == 0
+
+    @classmethod
+    def quantize_rows(cls, rows: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode float32 rows [m, k] to uint8 [m, row_bytes(k)]; `imatrix` is one weight per column [k]."""
+        m, k = rows.shape
+        if not cls.can_encode(k):
+            raise ValueError(f"{cls.__name__}: row length {k} is not a multiple of {cls.block_size}")
+        blocks = rows.reshape(-1, cls.block_size)
+        weights = None
+        if imatrix is not None and cls.uses_imatrix:
+            weights = imatrix.to(torch.float32).reshape(1, -1, cls.block_size).expand(m, -1, -1)
+            weights = weights.reshape(-1, cls.block_size)
+        return cls.quantize_blocks(blocks, weights).reshape(m, -1)
+
+    @classmethod
+    def dequantize_rows(cls, data: torch.Tensor) -> torch.Tensor:
+        """Decode uint8 [m, bytes] rows to float32 [m, k]."""
+        m = data.shape[0]
+        return cls.dequantize_blocks(data.reshape(-1, cls.type_size)).reshape(m, -1)
+
+    @classmethod
+    def quantize_tensor(
+        cls,
+        weight: torch.Tensor,
+        imatrix: torch.Tensor | None = None,
+        chunk_weights: int = DEFAULT_CHUNK_WEIGHTS,
+    ) -> torch.Tensor:
+        """Encode a 2-D float tensor in row chunks of bounded size; returns uint8 [m, row_bytes]."""
+        m, k = weight.shape
+        out = torch.empty((m, cls.row_bytes(k)), dtype=torch.uint8)
+        step = max(1, chunk_weights // max(k, 1))
+        for start in range(0, m, step):
+            rows = weight[start : start + step].to(torch.float32)
+            out[start : start + step] = cls.quantize_rows(rows, imatrix)
+        return out
+
+
+def ggml_type(qtype: GGMLQuantizationType | str) -> type[GGMLType]:
+    """The class for a ggml type, by enum or name ("Q8_0", "q4_k")."""
+    if isinstance(qtype, str):
+        try:
+            qtype = GGMLQuantizationType[qtype.upper()]
+        except KeyError:
+            raise ValueError(f"unknown ggml type {qtype!r}") from None
+    # Importing registers the K-quants; done lazily to keep this module self-contained.
+    from . import ggml_kquants  # noqa: F401
+
+    try:
+        return GGMLType.registry[qtype]
+    except KeyError:
+        raise ValueError(f"ggml type {qtype.name} is not supported") from None
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C `roundf`: round to nearest, halves away from zero (exact in float32)."""
+    t = torch.trunc(x)
+    return t + torch.sign(x) * ((x - t).abs() >= 0.5)
+
+
+def fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """float32 [n] -> the little-endian bytes of their fp16 rounding, uint8 [n, 2]."""
+    return values.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def fp16_from_bytes(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 2] little-endian fp16 -> float32 [n, 1]."""
+    return data.contiguous().view(torch.float16).to(torch.float32).reshape(-1, 1)
+
+
+class F32(GGMLType):
+    qtype = GGMLQuantizationType.F32
+    block_size = 1
+    type_size = 4
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        return blocks.to(torch.float32).contiguous().view(torch.uint8).reshape(-1, 4)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return blocks.contiguous().view(torch.float32).reshape(-1, 1)
+
+
+class F16(GGMLType):
+    qtype = GGMLQuantizationType.F16
+    block_size = 1
+    type_size = 2
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        return fp16_bytes(blocks.reshape(-1))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return fp16_from_bytes(blocks)
+
+
+class BF16(GGMLType):
+    """bfloat16 with round-to-nearest-even, as ggml's `ggml_compute_fp32_to_bf16`."""
+
+    qtype = GGMLQuantizationType.BF16
+    block_size = 1
+    type_size = 2
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        bits = blocks.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        # ggml forces quiet NaNs: keep the sign and set the quiet bit.
+        half = torch.where(is_nan, (bits >> 16) | 64, rounded) & 0xFFFF
+        return half.to(torch.int32).to(torch.int16).view(torch.uint8).reshape(-1, 2)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return blocks.contiguous().view(torch.bfloat16).to(torch.float32).reshape(-1, 1)
+
+
+class Q8_0(GGMLType):
+    """34 bytes per 32 weights: fp16 d = absmax/127, then 32 int8 codes round(x/d)."""
+
+    qtype = GGMLQuantizationType.Q8_0
+    block_size = 32
+    type_size = 34
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        d = blocks.abs().amax(dim=1, keepdim=True) / 127
+        inv_d = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        codes = round_half_away(blocks * inv_d).to(torch.int8)
+        return torch.cat([fp16_bytes(d.reshape(-1)), codes.view(torch.uint8)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = fp16_from_bytes(blocks[:, :2])
+        codes = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
+        return d * codes

@@ -1,0 +1,179 @@
+"""GGUF output: one file per branch, bare fused names, written streaming, then verified.
+
+Layout rules every GGUF reader of this model relies on (see formats.md): GGUF v3,
+32-byte alignment, data contiguous in tensor-info order, dims in ggml order (the `gguf`
+package reverses torch's [out, in]), `general.architecture = "ideogram4"`, and `uncond`
+in the unconditional file's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import quants as gguf_quants
+
+from ..convert import BranchResult, ConvertOptions, Progress, TensorReport, common_metadata
+from ..errors import IdeoquantError
+from ..recipe import FILE_TYPES, TensorChoice, gguf_file_tag, gguf_tensor_types
+from ..source import BranchSource, Source
+from ..writers.files import OutputSet, ensure_free_space
+from .ggml import GGMLType, ggml_type
+
+ARCHITECTURE = "ideogram4"
+ALIGNMENT = 32
+# Rows decoded again by the `gguf` package itself when verifying each tensor.
+VERIFY_ROWS = 8
+
+
+def gguf_file_name(branch: str, fmt: str) -> str:
+    """`ideogram4-Q8_0.gguf`, `ideogram4-uncond-Q8_0.gguf`."""
+    infix = "-uncond" if branch == "unconditional_transformer" else ""
+    return f"ideogram4{infix}-{gguf_file_tag(fmt)}.gguf"
+
+
+def importance_source(options: ConvertOptions, bs: BranchSource):
+    """A function module -> importance vector (or None) for the K-quant `_impl` path."""
+    if options.imatrix is None:
+        return lambda module, width: None
+    if options.imatrix == "ones":
+        return lambda module, width: torch.ones(width)
+    from ..calibrate import load_importance
+
+    path = Path(options.imatrix)
+    if not path.is_file():
+        raise IdeoquantError(f"--imatrix {path}: no such statistics file")
+    return lambda module, width: load_importance(path, module, branch=bs.branch)
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """||approx - exact|| / ||exact|| in float64 (0 for an all-zero tensor reproduced exactly)."""
+    num = torch.linalg.vector_norm((approx - exact).reshape(-1), dtype=torch.float64)
+    den = torch.linalg.vector_norm(exact.reshape(-1), dtype=torch.float64)
+    if den == 0:
+        return 0.0 if num == 0 else float("inf")
+    return float(num / den)
+
+
+def encode(choice: TensorChoice, weight: torch.Tensor, imatrix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode a tensor to its chosen type; returns (bytes [rows, row_bytes], decoded float32)."""
+    cls = ggml_type(choice.qtype)
+    rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight.reshape(1, -1)
+    data = cls.quantize_tensor(rows, imatrix)
+    return data, cls.dequantize_rows(data).reshape(weight.shape)
+
+
+def write_gguf_branch(
+    bs: BranchSource, source: Source, options: ConvertOptions, outputs: OutputSet, progress: Progress
+) -> BranchResult:
+    """Quantize one branch to a GGUF file, streaming tensor by tensor, then verify it."""
+    choices = gguf_tensor_types(bs.dims, options.fmt)
+    path = options.out / gguf_file_name(bs.branch, options.fmt)
+    outputs.claim(path)
+    ensure_free_space(options.out, sum(tensor_nbytes(c) for c in choices))
+    importance = importance_source(options, bs)
+    meta = common_metadata(bs, source, options)
+    recipe = {c.name: {"type": c.qtype.name, "reason": c.reason} for c in choices}
+
+    reports: list[TensorReport] = []
+    digests: dict[str, str] = {}
+    with outputs.writing(path) as tmp:
+        writer = GGUFWriter(tmp, arch=ARCHITECTURE)
+        try:
+            writer.add_name(f"Ideogram 4 {'unconditional ' if bs.branch != 'transformer' else ''}{gguf_file_tag(options.fmt)}")
+            writer.add_file_type(int(FILE_TYPES[options.fmt]))
+            writer.add_quantization_version(GGML_QUANT_VERSION)
+            writer.add_custom_alignment(ALIGNMENT)
+            for key, value in meta.items():
+                writer.add_string(key, value)
+            writer.add_string("ideoquant.imatrix", options.imatrix or "none")
+            writer.add_string("ideoquant.recipe", json.dumps(recipe, separators=(",", ":")))
+            for c in choices:
+                writer.add_tensor_info(c.name, c.shape, np.dtype(np.float32), tensor_nbytes(c), raw_dtype=c.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for c in choices:
+                progress.start(c.name)
+                weight = bs.read_float32(c.name)
+                imatrix = None
+                if ggml_type(c.qtype).uses_imatrix and weight.dim() == 2:
+                    imatrix = importance(c.name.rsplit(".", 1)[0], weight.shape[1])
+                data, decoded = encode(c, weight, imatrix)
+                raw = data.numpy()
+                writer.write_tensor_data(raw)
+                digests[c.name] = hashlib.sha256(memoryview(raw)).hexdigest()
+                reports.append(TensorReport(c.name, c.shape, c.qtype.name, raw.nbytes, relative_error(decoded, weight)))
+                progress.advance(bs.stored_nbytes(c.name))
+                del weight, data, decoded, raw
+        finally:
+            writer.close()
+        verify_gguf_file(tmp, choices, digests)
+    return BranchResult(
+        branch=bs.branch,
+        files=[path],
+        tensors=reports,
+        recipe={"types": recipe, "imatrix": options.imatrix or "none"},
+        source_checksum=meta["ideoquant.source.checksum"],
+        source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
+    )
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return n
+
+
+def tensor_nbytes(c: TensorChoice) -> int:
+    """Bytes a tensor takes in its chosen type."""
+    return ggml_type(c.qtype).row_bytes(c.shape[-1]) * _rows(c.shape)
+
+
+def verify_gguf_file(path: Path, choices: list[TensorChoice], digests: dict[str, str] | None = None) -> None:
+    """Reopen with `gguf.GGUFReader`: names, order, shapes, types, alignment, contiguity,
+    data digests, and a decode of the first rows by the `gguf` package itself."""
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueError/struct errors on damage
+        raise IdeoquantError(f"{path}: GGUF reader rejects the file ({e})") from None
+    arch = reader.get_field("general.architecture")
+    if arch is None or arch.contents() != ARCHITECTURE:
+        raise IdeoquantError(f"{path}: general.architecture is not {ARCHITECTURE!r}")
+    if len(reader.tensors) != len(choices):
+        raise IdeoquantError(f"{path}: {len(reader.tensors)} tensors, expected {len(choices)}")
+    expected_offset = reader.data_offset
+    for t, c in zip(reader.tensors, choices):
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if t.name != c.name or shape != c.shape or t.tensor_type != c.qtype:
+            raise IdeoquantError(
+                f"{path}: tensor {t.name} {list(shape)} {t.tensor_type.name} does not match planned "
+                f"{c.name} {list(c.shape)} {c.qtype.name}"
+            )
+        if t.data_offset != expected_offset or t.data_offset % ALIGNMENT:
+            raise IdeoquantError(f"{path}: tensor {t.name} data is not contiguous and aligned")
+        expected_offset += -(-int(t.n_bytes) // ALIGNMENT) * ALIGNMENT
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+        if digests is not None and hashlib.sha256(memoryview(raw)).hexdigest() != digests[c.name]:
+            raise IdeoquantError(f"{path}: tensor {t.name} bytes differ from what was written")
+        _check_decode(path, t.name, raw, c)
+
+
+def _check_decode(path: Path, name: str, raw: np.ndarray, c: TensorChoice) -> None:
+    """The gguf package's numpy decoder and ours agree bit for bit on the first rows."""
+    cls: type[GGMLType] = ggml_type(c.qtype)
+    row_bytes = cls.row_bytes(c.shape[-1])
+    rows = min(VERIFY_ROWS, _rows(c.shape))
+    head = raw[: rows * row_bytes].reshape(rows, row_bytes)
+    if c.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        theirs = head.view(np.float32 if c.qtype == GGMLQuantizationType.F32 else np.float16).astype(np.float32)
+    else:
+        theirs = gguf_quants.dequantize(head, c.qtype).reshape(rows, -1)
+    ours = cls.dequantize_rows(torch.from_numpy(head.copy())).numpy()
+    if not np.array_equal(theirs.view(np.uint32), ours.view(np.uint32)):
+        raise IdeoquantError(f"{path}: tensor {name} does not decode to the written values")

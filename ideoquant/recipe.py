@@ -1,0 +1,133 @@
+"""The recipe: which type every tensor gets, decided in one place for every format.
+
+Mechanism (encoders, writers) lives elsewhere; this module only chooses. `inspect` and
+the file metadata show the choice per tensor with the reason for it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType
+
+from .inventory import ModelDims, TensorSpec, expected_tensors, to_layout_names
+
+GGUF_FORMATS: dict[str, QT] = {
+    "f32": QT.F32,
+    "f16": QT.F16,
+    "bf16": QT.BF16,
+    "q8_0": QT.Q8_0,
+    "q4_0": QT.Q4_0,
+    "q4_k": QT.Q4_K,
+    "q5_k": QT.Q5_K,
+    "q6_k": QT.Q6_K,
+}
+# llama.cpp-style mixes: the base type, and the tensors kept one type higher.
+# feed_forward.w2 (the FFN down-projection) is the set most sensitive to 4-bit error.
+GGUF_MIXES: dict[str, tuple[QT, dict[str, QT]]] = {
+    "q4_k_s": (QT.Q4_K, {}),
+    "q4_k_m": (QT.Q4_K, {"feed_forward.w2.weight": QT.Q5_K}),
+    "q5_k_s": (QT.Q5_K, {}),
+    "q5_k_m": (QT.Q5_K, {"feed_forward.w2.weight": QT.Q6_K}),
+}
+FILE_TYPES: dict[str, LlamaFileType] = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "bf16": LlamaFileType.MOSTLY_BF16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "q4_k": LlamaFileType.MOSTLY_Q4_K_S,
+    "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S,
+    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+    "q5_k": LlamaFileType.MOSTLY_Q5_K_S,
+    "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S,
+    "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+    "q6_k": LlamaFileType.MOSTLY_Q6_K,
+}
+OTHER_FORMATS = ("int8", "nf4")
+ALL_FORMATS = tuple(GGUF_FORMATS) + tuple(m for m in GGUF_MIXES if m not in GGUF_FORMATS) + OTHER_FORMATS
+
+# When a tensor's row length does not fit the requested type's blocks, the first of these
+# that fits is used (input_proj has rows of 128, too short for any 256-weight K-quant block).
+GGUF_FALLBACKS = (QT.Q8_0, QT.F16)
+
+
+@dataclass(frozen=True)
+class TensorChoice:
+    """The type chosen for one tensor of an output, and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: QT
+    reason: str
+
+
+def is_gguf_format(fmt: str) -> bool:
+    return fmt in GGUF_FORMATS or fmt in GGUF_MIXES
+
+
+def gguf_file_tag(fmt: str) -> str:
+    """The type tag in output file names: `Q8_0`, `Q4_K_M`, `BF16`."""
+    return fmt.upper()
+
+
+def _block_size(qtype: QT) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def gguf_tensor_types(dims: ModelDims, fmt: str) -> list[TensorChoice]:
+    """The GGUF type policy: per-block linears in the requested type (mixes: w2 higher),
+    every 1-D tensor in F32, other 2-D tensors in the requested type where their rows fit
+    its blocks, else the first fitting fallback (Q8_0, then F16)."""
+    if fmt in GGUF_MIXES:
+        base, overrides = GGUF_MIXES[fmt]
+    elif fmt in GGUF_FORMATS:
+        base, overrides = GGUF_FORMATS[fmt], {}
+    else:
+        raise ValueError(f"{fmt} is not a GGUF format")
+    choices = []
+    for spec in expected_tensors(dims):
+        if len(spec.shape) == 1:
+            choices.append(TensorChoice(spec.name, spec.shape, QT.F32, "1-D tensors stay F32"))
+            continue
+        wanted, reason = base, "requested type"
+        for suffix, higher in overrides.items():
+            if spec.name.endswith(suffix):
+                wanted, reason = higher, f"{fmt} keeps {suffix.rsplit('.', 1)[0]} one type higher"
+        if spec.shape[-1] % _block_size(wanted):
+            fallback = next(t for t in GGUF_FALLBACKS if spec.shape[-1] % _block_size(t) == 0)
+            reason = f"rows of {spec.shape[-1]} do not fit {wanted.name} blocks of {_block_size(wanted)}; fallback"
+            wanted = fallback
+        choices.append(TensorChoice(spec.name, spec.shape, wanted, reason))
+    return choices
+
+
+# --- linears kept in higher precision (INT8 and NF4) -----------------------------------
+
+def one_row_linears(dims: ModelDims) -> list[str]:
+    """Linear modules that see one row per image (adaLN, timestep MLP): no gain from per-token int8."""
+    return [s.module for s in expected_tensors(dims) if s.kind == "linear" and s.rows_per_image == "one_row"]
+
+
+def matches_patterns(module: str, patterns: list[str]) -> bool:
+    """Whether a canonical module path, or any of its diffusers names, matches a glob."""
+    names = [module] + [n.rsplit(".", 1)[0] for n in to_layout_names(module + ".weight", "diffusers")]
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def kept_linears(dims: ModelDims, patterns: list[str] | tuple[str, ...] = (), all_linears: bool = False) -> list[str]:
+    """Canonical linear modules kept in bf16 by default: the one-row linears plus pattern matches."""
+    kept = [] if all_linears else one_row_linears(dims)
+    for spec in expected_tensors(dims):
+        if spec.kind == "linear" and spec.module not in kept and matches_patterns(spec.module, list(patterns)):
+            kept.append(spec.module)
+    return kept
+
+
+def linear_modules(dims: ModelDims) -> list[TensorSpec]:
+    """Every linear weight spec of a branch, in canonical order."""
+    return [s for s in expected_tensors(dims) if s.kind == "linear"]

@@ -1,0 +1,52 @@
+"""Shared fixtures: small Ideogram-4-shaped checkpoints built on the spot (no downloads)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ideoquant.synth import write_synthetic_pipeline
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8(tmp_path_factory) -> Path:
+    """A tiny synthetic pipeline folder in the published FP8 layout (fused names)."""
+    out = tmp_path_factory.mktemp("src") / "fp8"
+    write_synthetic_pipeline(out, size="tiny", dtype="fp8", layout="fused", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_diffusers(tmp_path_factory) -> Path:
+    """The same weights with diffusers attention names."""
+    out = tmp_path_factory.mktemp("src") / "fp8_diffusers"
+    write_synthetic_pipeline(out, size="tiny", dtype="fp8", layout="diffusers", seed=0)
+    return out
+
+
+@pytest.fixture
+def edit_source(tmp_path, tiny_fp8):
+    """Copy the tiny source and apply an edit to the cond branch's tensors: edit(dict) -> dict."""
+
+    count = iter(range(1000))
+
+    def _edit(fn, branch: str = "transformer") -> Path:
+        dst = tmp_path / f"edited{next(count)}"
+        shutil.copytree(tiny_fp8, dst)
+        f = dst / branch / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(f)
+        tensors = fn(tensors)
+        save_file(tensors, f, metadata={"format": "pt"})
+        return dst
+
+    return _edit
+
+
+def gguf_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.gguf"))
