@@ -148,5 +148,47 @@ def demo(out: Path, formats: str | None) -> None:
     click.echo(run_demo(out, chosen))
 
 
+# --- verify ------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--source", default=None, help="Recompute every tensor's error against this source (folder, file or Hub id).")
+@one_line_errors
+def verify(folder: Path, source: str | None) -> None:
+    """Check a converted FOLDER against its model card and report (and the source); record the result."""
+    from .verify import record_verification, verify_folder
+
+    _setup_logging()
+    section = verify_folder(folder, source)
+    record_verification(folder, section)
+    line = f"verified {folder}: {section['files']} files, sha256 match"
+    for branch, stats in section.get("branches", {}).items():
+        line += f"; {branch}: {stats['tensors_compared']} tensors match the source (worst rel err {stats['max']:.2e})"
+        if stats["tensors_skipped_smoothed"]:
+            line += f", {stats['tensors_skipped_smoothed']} smoothed by SmoothQuant not compared"
+    click.echo(line)
+
+
+# --- publish -----------------------------------------------------------------------------
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Hub model repo to create or update (owner/name).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--dry-run", is_flag=True, help="Verify and list what would be uploaded; upload nothing.")
+@one_line_errors
+def publish(folder: Path, repo_id: str, private: bool, dry_run: bool) -> None:
+    """Upload a converted FOLDER that verifies to a Hub model repo (the files its card lists)."""
+    from .publish import publish_folder
+    from .report import human_bytes
+
+    _setup_logging()
+    plan = publish_folder(folder, repo_id, private=private, dry_run=dry_run)
+    if dry_run:
+        click.echo("dry run, nothing uploaded; would upload to " + plan.describe())
+    else:
+        click.echo(f"uploaded {len(plan.files)} files ({human_bytes(plan.total_bytes)}) to https://huggingface.co/{repo_id}")
+
+
 if __name__ == "__main__":
     main()

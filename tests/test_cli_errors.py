@@ -111,22 +111,22 @@ def test_not_enough_free_disk_checked_before_writing(tiny_fp8, tmp_path, monkeyp
 
 
 def test_disk_full_and_interrupt_mid_write_leave_nothing(tiny_fp8, tmp_path, monkeypatch, capsys):
-    import ideoquant.formats.gguf as gguf_format
+    from ideoquant.writers.gguf import GGUFStreamWriter
 
-    real_encode = gguf_format.encode
+    real_write = GGUFStreamWriter.write_chunk
     for exc_factory, code, needle in [
         (lambda: OSError(errno.ENOSPC, "No space left on device"), 1, "disk full while writing"),
         (lambda: KeyboardInterrupt(), 130, "interrupted"),
     ]:
         calls = {"n": 0}
 
-        def failing_encode(*a, **k):
+        def failing_write(*a, **k):
             calls["n"] += 1
-            if calls["n"] == 20:
+            if calls["n"] == 60:  # in the second branch, after the first file was finished
                 raise exc_factory()
-            return real_encode(*a, **k)
+            return real_write(*a, **k)
 
-        monkeypatch.setattr(gguf_format, "encode", failing_encode)
+        monkeypatch.setattr(GGUFStreamWriter, "write_chunk", failing_write)
         out = tmp_path / f"o{code}"
         result = _invoke(["convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet"])
         assert result.exit_code == code

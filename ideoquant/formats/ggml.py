@@ -107,10 +107,19 @@ def ggml_type(qtype: GGMLQuantizationType | str) -> type[GGMLType]:
         raise ValueError(f"ggml type {qtype.name} is not supported") from None
 
 
+# The float32 just below 0.5. Adding it (with the sign of x) and truncating is C `roundf`
+# for every float32: halves still reach the next integer, and 0.49999997 no longer does.
+_JUST_BELOW_HALF = torch.tensor(0.49999997, dtype=torch.float32)
+
+
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C `roundf`: round to nearest, halves away from zero (exact in float32)."""
-    t = torch.trunc(x)
-    return t + torch.sign(x) * ((x - t).abs() >= 0.5)
+    return (x + torch.copysign(_JUST_BELOW_HALF, x)).trunc_()
+
+
+def round_half_away_inplace(x: torch.Tensor) -> torch.Tensor:
+    """`round_half_away` overwriting x; the result is left un-truncated-cast-ready (trunc on cast)."""
+    return x.add_(torch.copysign(_JUST_BELOW_HALF, x))
 
 
 def fp16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -181,10 +190,15 @@ class Q8_0(GGMLType):
 
     @classmethod
     def quantize_blocks(cls, blocks, weights=None):
-        d = blocks.abs().amax(dim=1, keepdim=True) / 127
+        # Block max |x| as max(|max|, |min|): two plain reductions beat abs() + amax.
+        # The abs also makes an all-zero block give +0, as fabsf does in ggml.
+        d = torch.maximum(blocks.amax(dim=1, keepdim=True).abs_(), blocks.amin(dim=1, keepdim=True).abs_()) / 127
         inv_d = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        codes = round_half_away(blocks * inv_d).to(torch.int8)
-        return torch.cat([fp16_bytes(d.reshape(-1)), codes.view(torch.uint8)], dim=1)
+        out = torch.empty((blocks.shape[0], cls.type_size), dtype=torch.uint8)
+        out[:, :2] = fp16_bytes(d.reshape(-1))
+        # Casting to int8 truncates toward zero, which completes roundf.
+        out[:, 2:].view(torch.int8).copy_(round_half_away_inplace(blocks * inv_d))
+        return out
 
     @classmethod
     def dequantize_blocks(cls, blocks):

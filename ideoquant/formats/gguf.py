@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
 from ..convert import BranchResult, ConvertOptions, Progress, TensorReport, common_metadata
@@ -22,10 +22,10 @@ from ..errors import IdeoquantError
 from ..recipe import FILE_TYPES, TensorChoice, gguf_file_tag, gguf_tensor_types
 from ..source import BranchSource, Source
 from ..writers.files import OutputSet, ensure_free_space
+from ..writers.gguf import ALIGNMENT, GGUFStreamWriter
 from .ggml import GGMLType, ggml_type
 
 ARCHITECTURE = "ideogram4"
-ALIGNMENT = 32
 # Rows decoded again by the `gguf` package itself when verifying each tensor.
 VERIFY_ROWS = 8
 
@@ -52,64 +52,71 @@ def importance_source(options: ConvertOptions, bs: BranchSource):
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """||approx - exact|| / ||exact|| in float64 (0 for an all-zero tensor reproduced exactly)."""
-    num = torch.linalg.vector_norm((approx - exact).reshape(-1), dtype=torch.float64)
-    den = torch.linalg.vector_norm(exact.reshape(-1), dtype=torch.float64)
-    if den == 0:
-        return 0.0 if num == 0 else float("inf")
-    return float(num / den)
+    return ErrorMeter().add(approx.clone(), exact).relative()
 
 
-def encode(choice: TensorChoice, weight: torch.Tensor, imatrix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode a tensor to its chosen type; returns (bytes [rows, row_bytes], decoded float32)."""
-    cls = ggml_type(choice.qtype)
-    rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight.reshape(1, -1)
-    data = cls.quantize_tensor(rows, imatrix)
-    return data, cls.dequantize_rows(data).reshape(weight.shape)
+class ErrorMeter:
+    """Accumulates ||approx - exact||^2 and ||exact||^2 over chunks (float32 BLAS dots per
+    chunk, summed in float64: a float64 norm pass costs more than the quantization)."""
+
+    def __init__(self) -> None:
+        self.err_sq = 0.0
+        self.ref_sq = 0.0
+
+    def add(self, approx: torch.Tensor, exact: torch.Tensor) -> "ErrorMeter":
+        """Add one chunk; `approx` is overwritten with the difference."""
+        ref = exact.reshape(-1)
+        diff = approx.sub_(exact).reshape(-1)
+        self.ref_sq += float(torch.dot(ref, ref))
+        self.err_sq += float(torch.dot(diff, diff))
+        return self
+
+    def relative(self) -> float:
+        """The relative error of everything added."""
+        if self.ref_sq == 0:
+            return 0.0 if self.err_sq == 0 else float("inf")
+        return (self.err_sq / self.ref_sq) ** 0.5
 
 
 def write_gguf_branch(
     bs: BranchSource, source: Source, options: ConvertOptions, outputs: OutputSet, progress: Progress
 ) -> BranchResult:
-    """Quantize one branch to a GGUF file, streaming tensor by tensor, then verify it."""
+    """Quantize one branch to a GGUF file, streaming chunk by chunk, then verify it."""
     choices = gguf_tensor_types(bs.dims, options.fmt)
     path = options.out / gguf_file_name(bs.branch, options.fmt)
     outputs.claim(path)
     ensure_free_space(options.out, sum(tensor_nbytes(c) for c in choices))
     importance = importance_source(options, bs)
-    meta = common_metadata(bs, source, options)
     recipe = {c.name: {"type": c.qtype.name, "reason": c.reason} for c in choices}
-
+    metadata: dict[str, str | int] = {
+        "general.name": f"Ideogram 4 {'unconditional ' if bs.branch != 'transformer' else ''}{gguf_file_tag(options.fmt)}",
+        "general.file_type": int(FILE_TYPES[options.fmt]),
+        "general.quantization_version": GGML_QUANT_VERSION,
+        **common_metadata(bs, source, options),
+        "ideoquant.imatrix": options.imatrix or "none",
+        "ideoquant.recipe": json.dumps(recipe, separators=(",", ":")),
+    }
     reports: list[TensorReport] = []
     digests: dict[str, str] = {}
     with outputs.writing(path) as tmp:
-        writer = GGUFWriter(tmp, arch=ARCHITECTURE)
+        infos = [(c.name, c.shape, c.qtype, tensor_nbytes(c)) for c in choices]
+        writer = GGUFStreamWriter(tmp, ARCHITECTURE, metadata, infos)
         try:
-            writer.add_name(f"Ideogram 4 {'unconditional ' if bs.branch != 'transformer' else ''}{gguf_file_tag(options.fmt)}")
-            writer.add_file_type(int(FILE_TYPES[options.fmt]))
-            writer.add_quantization_version(GGML_QUANT_VERSION)
-            writer.add_custom_alignment(ALIGNMENT)
-            for key, value in meta.items():
-                writer.add_string(key, value)
-            writer.add_string("ideoquant.imatrix", options.imatrix or "none")
-            writer.add_string("ideoquant.recipe", json.dumps(recipe, separators=(",", ":")))
-            for c in choices:
-                writer.add_tensor_info(c.name, c.shape, np.dtype(np.float32), tensor_nbytes(c), raw_dtype=c.qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
             for c in choices:
                 progress.start(c.name)
-                weight = bs.read_float32(c.name)
+                cls = ggml_type(c.qtype)
                 imatrix = None
-                if ggml_type(c.qtype).uses_imatrix and weight.dim() == 2:
-                    imatrix = importance(c.name.rsplit(".", 1)[0], weight.shape[1])
-                data, decoded = encode(c, weight, imatrix)
-                raw = data.numpy()
-                writer.write_tensor_data(raw)
-                digests[c.name] = hashlib.sha256(memoryview(raw)).hexdigest()
-                reports.append(TensorReport(c.name, c.shape, c.qtype.name, raw.nbytes, relative_error(decoded, weight)))
+                if cls.uses_imatrix and len(c.shape) == 2:
+                    imatrix = importance(c.name.rsplit(".", 1)[0], c.shape[1])
+                meter = ErrorMeter()
+                writer.begin_tensor(c.name)
+                for rows in bs.iter_float32_rows(c.name):
+                    data = cls.quantize_rows(rows, imatrix)
+                    writer.write_chunk(data.numpy())
+                    meter.add(cls.dequantize_rows(data), rows)
+                digests[c.name] = writer.end_tensor()
+                reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative()))
                 progress.advance(bs.stored_nbytes(c.name))
-                del weight, data, decoded, raw
         finally:
             writer.close()
         verify_gguf_file(tmp, choices, digests)
@@ -118,7 +125,7 @@ def write_gguf_branch(
         files=[path],
         tensors=reports,
         recipe={"types": recipe, "imatrix": options.imatrix or "none"},
-        source_checksum=meta["ideoquant.source.checksum"],
+        source_checksum=str(metadata["ideoquant.source.checksum"]),
         source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
     )
 
@@ -158,10 +165,24 @@ def verify_gguf_file(path: Path, choices: list[TensorChoice], digests: dict[str,
         if t.data_offset != expected_offset or t.data_offset % ALIGNMENT:
             raise IdeoquantError(f"{path}: tensor {t.name} data is not contiguous and aligned")
         expected_offset += -(-int(t.n_bytes) // ALIGNMENT) * ALIGNMENT
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-        if digests is not None and hashlib.sha256(memoryview(raw)).hexdigest() != digests[c.name]:
+        if digests is not None and file_range_sha256(path, int(t.data_offset), int(t.n_bytes)) != digests[c.name]:
             raise IdeoquantError(f"{path}: tensor {t.name} bytes differ from what was written")
-        _check_decode(path, t.name, raw, c)
+        _check_decode(path, t.name, np.asarray(t.data).reshape(-1).view(np.uint8), c)
+
+
+def file_range_sha256(path: Path, offset: int, length: int, chunk: int = 16 << 20) -> str:
+    """sha256 of a byte range, read through a small buffer (a memory map would keep the
+    whole file resident)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0:
+            data = f.read(min(chunk, length))
+            if not data:
+                break
+            h.update(data)
+            length -= len(data)
+    return h.hexdigest()
 
 
 def _check_decode(path: Path, name: str, raw: np.ndarray, c: TensorChoice) -> None:
@@ -169,7 +190,7 @@ def _check_decode(path: Path, name: str, raw: np.ndarray, c: TensorChoice) -> No
     cls: type[GGMLType] = ggml_type(c.qtype)
     row_bytes = cls.row_bytes(c.shape[-1])
     rows = min(VERIFY_ROWS, _rows(c.shape))
-    head = raw[: rows * row_bytes].reshape(rows, row_bytes)
+    head = np.array(raw[: rows * row_bytes]).reshape(rows, row_bytes)
     if c.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         theirs = head.view(np.float32 if c.qtype == GGMLQuantizationType.F32 else np.float16).astype(np.float32)
     else:
