@@ -133,6 +133,73 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
     click.echo(summary_table(results))
 
 
+# --- calibrate ---------------------------------------------------------------------------
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Statistics file (.safetensors).")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="JSON-lines prompt file (e.g. calibration_prompts/calibration.jsonl): runs the full pipeline.")
+@click.option("--synthetic", is_flag=True, help="Random latents and text features at timesteps over [0, 1].")
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Sampling steps per prompt.")
+@click.option("--resolution", type=click.IntRange(64), default=None, help="Image side (default: each prompt's size).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--branches", type=click.Choice(["cond", "uncond", "both"]), default="both", show_default=True)
+@click.option("--max-samples", type=click.IntRange(1), default=512, show_default=True,
+              help="Input rows kept per linear (reservoir sample).")
+@click.option("--device", default=None, help="torch device (default: cuda when available).")
+@click.option("--shard", default=None, help="I/N: keep every N-th input from the I-th (merge the shards later).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@one_line_errors
+def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, synthetic: bool, steps: int,
+              resolution: int | None, seed: int, branches: str, max_samples: int, device: str | None,
+              shard: str | None, overwrite: bool, quiet: bool) -> None:
+    """Record activation statistics: `calibrate SRC --out STATS` or `calibrate merge A B ... --out STATS`."""
+    from . import calibrate as calibration
+
+    _setup_logging(quiet)
+    if inputs[0] == "merge":
+        if len(inputs) < 2:
+            raise IdeoquantError("calibrate merge needs statistics files to merge")
+        calibration.merge_statistics(list(inputs[1:]), out, overwrite=overwrite)
+        click.echo(f"merged {len(inputs) - 1} statistics files into {out}")
+        return
+    if len(inputs) != 1:
+        raise IdeoquantError("calibrate takes one source (or `merge` and statistics files)")
+    shard_pair = None
+    if shard:
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+            shard_pair = (i, n)
+        except ValueError:
+            raise IdeoquantError(f"--shard must look like 0/4, not {shard!r}") from None
+    calibration.calibrate(inputs[0], out, prompts=prompts, synthetic=synthetic, steps=steps, resolution=resolution,
+                          seed=seed, branches=branches, max_samples=max_samples, device=device, shard=shard_pair,
+                          overwrite=overwrite, quiet=quiet)
+    click.echo(f"wrote {out}")
+
+
+# --- compare -----------------------------------------------------------------------------
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, path_type=Path))
+@click.option("--images", is_flag=True, help="A and B are folders of same-named images: PSNR and SSIM.")
+@click.option("--resamples", type=click.IntRange(100), default=10000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True)
+@one_line_errors
+def compare(a: Path, b: Path, images: bool, resamples: int, seed: int, confidence: float) -> None:
+    """Paired comparison of two variants: per-prompt score CSVs (B - A, bootstrap CI), or --images."""
+    from .compare import compare_image_dirs, compare_score_files, format_comparison
+
+    if images:
+        click.echo(format_comparison(compare_image_dirs(a, b)))
+    else:
+        click.echo(format_comparison(compare_score_files(a, b, resamples=resamples, seed=seed, confidence=confidence)))
+
+
 # --- demo --------------------------------------------------------------------------------
 
 @main.command()

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import IdeoquantError
+from .memory import reuse_freed_memory
 from .recipe import ALL_FORMATS, is_gguf_format
 from .source import BranchSource, Source, open_source
 from .writers.files import OutputSet
@@ -70,6 +71,8 @@ class BranchResult:
     source_bytes: int = 0
     weights: int = 0
     seconds: float = 0.0
+    # sha256 of output files computed while writing (by file name), reused by the card.
+    file_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -130,6 +133,7 @@ def branch_writer(fmt: str) -> BranchWriter:
 def convert(src: str, options: ConvertOptions, on_branch_done: Callable[[BranchResult], None] | None = None) -> list[BranchResult]:
     """Convert the selected branches of SRC to one format under options.out."""
     writer = branch_writer(options.fmt)
+    reuse_freed_memory()
     source = open_source(src, options.branches)
     outputs = OutputSet(overwrite=options.overwrite)
     results: list[BranchResult] = []

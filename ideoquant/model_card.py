@@ -16,7 +16,6 @@ list, or a dict keyed by module), `protected` (those kept for their measured err
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -31,6 +30,7 @@ from .errors import IdeoquantError
 from .inventory import BRANCHES
 from .recipe import gguf_file_tag, is_gguf_format
 from .report import human_bytes
+from .writers.files import sha256_file
 
 if TYPE_CHECKING:
     from .convert import BranchResult, ConvertOptions
@@ -75,18 +75,11 @@ def card_tags(fmt: str) -> list[str]:
     return ["ideogram-4", *extra.get(family, [fmt]), "quantized"]
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, streamed in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_entry(path: Path, root: Path) -> dict:
-    """{path (relative, posix), size, sha256} of one output file."""
-    return {"path": Path(path).relative_to(root).as_posix(), "size": Path(path).stat().st_size, "sha256": sha256_file(path)}
+def file_entry(path: Path, root: Path, known_sha256: dict[str, str] | None = None) -> dict:
+    """{path (relative, posix), size, sha256} of one output file (a digest the writer
+    already computed and verified is reused rather than read again)."""
+    digest = (known_sha256 or {}).get(str(path)) or sha256_file(path)
+    return {"path": Path(path).relative_to(root).as_posix(), "size": Path(path).stat().st_size, "sha256": digest}
 
 
 def report_files(report: dict) -> list[dict]:
@@ -187,7 +180,8 @@ def build_report(
         rel = p.relative_to(root)
         if p not in owner and len(rel.parts) > 1 and rel.parts[0] in BRANCHES:
             owner[p] = rel.parts[0]  # config.json and index next to a branch's weights
-    entries = {p: file_entry(p, root) for p in sorted(set(files))}
+    known = {k: v for r in results for k, v in r.file_sha256.items()}
+    entries = {p: file_entry(p, root, known) for p in sorted(set(files))}
     branches = {}
     for r in results:
         branch_files = [entries[p] for p in entries if owner.get(p) == r.branch]

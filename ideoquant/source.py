@@ -265,14 +265,22 @@ class BranchSource:
         w.float() * scale); NaN/Inf anywhere is an error naming the tensor."""
         for name in to_layout_names(canonical, self.layout):
             raw, scale = self._read_raw(name)
-            self._check_finite(canonical, raw, scale)
             rows = raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1)
             step = max(1, chunk_weights // max(rows.shape[1], 1))
             for start in range(0, rows.shape[0], step):
                 if scale is None:
-                    yield rows[start : start + step].to(torch.float32)
-                else:
-                    yield fp8_to_float32(rows[start : start + step], scale[start : start + step, None] if scale.dim() == 1 else scale)
+                    chunk = rows[start : start + step].to(torch.float32)
+                    if not torch.isfinite(chunk).all():
+                        self._raise_not_finite(canonical)
+                    yield chunk
+                    continue
+                chunk_scale = scale[start : start + step, None] if scale.dim() == 1 else scale
+                if not torch.isfinite(chunk_scale).all():
+                    self._raise_not_finite(canonical)
+                try:
+                    yield fp8_to_float32(rows[start : start + step], chunk_scale)
+                except ValueError:
+                    self._raise_not_finite(canonical)
 
     def read_float32(self, canonical: str) -> torch.Tensor:
         """A whole canonical tensor in float32 (see `iter_float32_rows`)."""
@@ -288,17 +296,18 @@ class BranchSource:
         scale = s.file.read(s.name).to(torch.float32)
         return w, (scale.reshape(-1) if scale.numel() > 1 else scale.reshape(()))
 
-    def _check_finite(self, canonical: str, raw: torch.Tensor, scale: torch.Tensor | None) -> None:
-        if raw.dtype == torch.float8_e4m3fn:
-            # e4m3fn has no infinities; NaN is the all-ones exponent and mantissa, either sign.
-            # (count_nonzero: a bool .sum() would first widen the mask to int64)
-            bad = int(torch.count_nonzero((raw.view(torch.uint8) & 0x7F) == 0x7F))
-        else:
-            bad = int(torch.count_nonzero(~torch.isfinite(raw)))
-        if scale is not None:
-            bad += int(torch.count_nonzero(~torch.isfinite(scale)))
-        if bad:
-            raise IdeoquantError(f"{self.branch}: tensor {canonical} has {bad} NaN/Inf values")
+    def _raise_not_finite(self, canonical: str) -> None:
+        """Name the tensor and count its NaN/Inf values (read again: this is the error path)."""
+        bad = 0
+        for name in to_layout_names(canonical, self.layout):
+            raw, scale = self._read_raw(name)
+            if raw.dtype == torch.float8_e4m3fn:
+                # e4m3fn has no infinities; NaN is the all-ones exponent and mantissa, either sign.
+                bad += int(torch.count_nonzero((raw.view(torch.uint8) & 0x7F) == 0x7F))
+                bad += int(torch.count_nonzero(~torch.isfinite(scale)))
+            else:
+                bad += int(torch.count_nonzero(~torch.isfinite(raw.float())))
+        raise IdeoquantError(f"{self.branch}: tensor {canonical} has {bad} NaN/Inf values")
 
     def checksum(self) -> str:
         """sha256 over the branch's files, in order (streamed, bounded memory; computed once)."""
@@ -319,11 +328,14 @@ class BranchSource:
 
 def fp8_to_float32(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`w.float() * scale` for float8_e4m3fn, bit for bit, through fp16 bit moves (torch's own
-    fp8 cast is several times slower). e4m3 bits shifted into an fp16 are the same value
-    times 2^-8, subnormals included; the 2^8 goes into the scale, which is exact."""
-    u = w.view(torch.uint8).to(torch.int16)
-    half = ((u & 0x7F) << 7) | ((u & 0x80) << 8)
-    return half.view(torch.float16).to(torch.float32).mul_(scale * 256.0)
+    fp8 cast is several times slower). An e4m3 byte, sign-extended and shifted left by 7 with
+    bit 14 cleared, is an fp16 of the same value times 2^-8, subnormals included; the 2^8
+    goes into the scale, which is exact. Raises ValueError on an e4m3 NaN code."""
+    half = (w.view(torch.int8).to(torch.int16) << 7).bitwise_and_(-16512).view(torch.float16)
+    # The NaN code (0x7F) lands on 1.875, above every finite e4m3 value (448 * 2^-8 = 1.75).
+    if half.numel() and (half.amax() > 1.75 or half.amin() < -1.75):
+        raise ValueError("NaN in float8 weights")
+    return half.to(torch.float32).mul_(scale * 256.0)
 
 
 # --- locating the files of each branch -----------------------------------------------------

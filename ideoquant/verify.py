@@ -37,10 +37,10 @@ from .inventory import (
     to_canonical_name,
     to_layout_names,
 )
-from .model_card import CARD_NAME, REPORT_NAME, parse_file_table, report_files, sha256_file
+from .model_card import CARD_NAME, REPORT_NAME, parse_file_table, report_files
 from .recipe import TensorChoice
 from .source import BranchSource, SafetensorsFile, open_source
-from .writers.files import PARTIAL_SUFFIX, OutputSet
+from .writers.files import PARTIAL_SUFFIX, OutputSet, sha256_file
 
 log = logging.getLogger("ideoquant")
 

@@ -109,17 +109,24 @@ def ggml_type(qtype: GGMLQuantizationType | str) -> type[GGMLType]:
 
 # The float32 just below 0.5. Adding it (with the sign of x) and truncating is C `roundf`
 # for every float32: halves still reach the next integer, and 0.49999997 no longer does.
-_JUST_BELOW_HALF = torch.tensor(0.49999997, dtype=torch.float32)
+_JUST_BELOW_HALF_BITS = 0x3EFFFFFF
+_SIGN_BIT = -(2**31)
+
+
+def _signed_just_below_half(x: torch.Tensor) -> torch.Tensor:
+    # copysign(0.49999997, x) with integer bit operations (several times faster than copysign).
+    return (x.view(torch.int32) & _SIGN_BIT).bitwise_or_(_JUST_BELOW_HALF_BITS).view(torch.float32)
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C `roundf`: round to nearest, halves away from zero (exact in float32)."""
-    return (x + torch.copysign(_JUST_BELOW_HALF, x)).trunc_()
+    return (x + _signed_just_below_half(x)).trunc_()
 
 
 def round_half_away_inplace(x: torch.Tensor) -> torch.Tensor:
-    """`round_half_away` overwriting x; the result is left un-truncated-cast-ready (trunc on cast)."""
-    return x.add_(torch.copysign(_JUST_BELOW_HALF, x))
+    """`round_half_away` without the final truncation, overwriting x: a cast to an integer
+    type truncates toward zero and completes it."""
+    return x.add_(_signed_just_below_half(x))
 
 
 def fp16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -203,5 +210,4 @@ class Q8_0(GGMLType):
     @classmethod
     def dequantize_blocks(cls, blocks):
         d = fp16_from_bytes(blocks[:, :2])
-        codes = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
-        return d * codes
+        return blocks[:, 2:].view(torch.int8).to(torch.float32).mul_(d)

@@ -8,7 +8,6 @@ in the unconditional file's name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ..convert import BranchResult, ConvertOptions, Progress, TensorReport, comm
 from ..errors import IdeoquantError
 from ..recipe import FILE_TYPES, TensorChoice, gguf_file_tag, gguf_tensor_types
 from ..source import BranchSource, Source
-from ..writers.files import OutputSet, ensure_free_space
+from ..writers.files import OutputSet, ensure_free_space, sha256_file
 from ..writers.gguf import ALIGNMENT, GGUFStreamWriter
 from .ggml import GGMLType, ggml_type
 
@@ -52,7 +51,7 @@ def importance_source(options: ConvertOptions, bs: BranchSource):
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """||approx - exact|| / ||exact|| in float64 (0 for an all-zero tensor reproduced exactly)."""
-    return ErrorMeter().add(approx.clone(), exact).relative()
+    return ErrorMeter().add(approx, exact).relative()
 
 
 class ErrorMeter:
@@ -64,9 +63,9 @@ class ErrorMeter:
         self.ref_sq = 0.0
 
     def add(self, approx: torch.Tensor, exact: torch.Tensor) -> "ErrorMeter":
-        """Add one chunk; `approx` is overwritten with the difference."""
+        """Add one chunk (neither input is modified: either may still be queued for writing)."""
         ref = exact.reshape(-1)
-        diff = approx.sub_(exact).reshape(-1)
+        diff = (approx - exact).reshape(-1)
         self.ref_sq += float(torch.dot(ref, ref))
         self.err_sq += float(torch.dot(diff, diff))
         return self
@@ -97,7 +96,6 @@ def write_gguf_branch(
         "ideoquant.recipe": json.dumps(recipe, separators=(",", ":")),
     }
     reports: list[TensorReport] = []
-    digests: dict[str, str] = {}
     with outputs.writing(path) as tmp:
         infos = [(c.name, c.shape, c.qtype, tensor_nbytes(c)) for c in choices]
         writer = GGUFStreamWriter(tmp, ARCHITECTURE, metadata, infos)
@@ -114,12 +112,13 @@ def write_gguf_branch(
                     data = cls.quantize_rows(rows, imatrix)
                     writer.write_chunk(data.numpy())
                     meter.add(cls.dequantize_rows(data), rows)
-                digests[c.name] = writer.end_tensor()
+                writer.end_tensor()
                 reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative()))
                 progress.advance(bs.stored_nbytes(c.name))
+            digest = writer.finish()
         finally:
             writer.close()
-        verify_gguf_file(tmp, choices, digests)
+        verify_gguf_file(tmp, choices, digest)
     return BranchResult(
         branch=bs.branch,
         files=[path],
@@ -127,6 +126,7 @@ def write_gguf_branch(
         recipe={"types": recipe, "imatrix": options.imatrix or "none"},
         source_checksum=str(metadata["ideoquant.source.checksum"]),
         source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
+        file_sha256={str(path): digest},
     )
 
 
@@ -142,9 +142,10 @@ def tensor_nbytes(c: TensorChoice) -> int:
     return ggml_type(c.qtype).row_bytes(c.shape[-1]) * _rows(c.shape)
 
 
-def verify_gguf_file(path: Path, choices: list[TensorChoice], digests: dict[str, str] | None = None) -> None:
-    """Reopen with `gguf.GGUFReader`: names, order, shapes, types, alignment, contiguity,
-    data digests, and a decode of the first rows by the `gguf` package itself."""
+def verify_gguf_file(path: Path, choices: list[TensorChoice], sha256: str | None = None) -> None:
+    """Reopen with `gguf.GGUFReader`: names, order, shapes, types, alignment, contiguity, a
+    decode of each tensor's first rows by the `gguf` package itself, and (given) the sha256
+    of the whole file as it was written."""
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises bare ValueError/struct errors on damage
@@ -165,24 +166,11 @@ def verify_gguf_file(path: Path, choices: list[TensorChoice], digests: dict[str,
         if t.data_offset != expected_offset or t.data_offset % ALIGNMENT:
             raise IdeoquantError(f"{path}: tensor {t.name} data is not contiguous and aligned")
         expected_offset += -(-int(t.n_bytes) // ALIGNMENT) * ALIGNMENT
-        if digests is not None and file_range_sha256(path, int(t.data_offset), int(t.n_bytes)) != digests[c.name]:
-            raise IdeoquantError(f"{path}: tensor {t.name} bytes differ from what was written")
         _check_decode(path, t.name, np.asarray(t.data).reshape(-1).view(np.uint8), c)
-
-
-def file_range_sha256(path: Path, offset: int, length: int, chunk: int = 16 << 20) -> str:
-    """sha256 of a byte range, read through a small buffer (a memory map would keep the
-    whole file resident)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while length > 0:
-            data = f.read(min(chunk, length))
-            if not data:
-                break
-            h.update(data)
-            length -= len(data)
-    return h.hexdigest()
+    if expected_offset != path.stat().st_size:
+        raise IdeoquantError(f"{path}: file is {path.stat().st_size} bytes, tensors end at {expected_offset}")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise IdeoquantError(f"{path}: bytes on disk differ from what was written")
 
 
 def _check_decode(path: Path, name: str, raw: np.ndarray, c: TensorChoice) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -81,3 +82,13 @@ def _remove(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    """sha256 of a file, read through a small buffer (a memory map would keep the whole
+    file resident)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()

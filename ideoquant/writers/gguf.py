@@ -1,23 +1,31 @@
 """Streaming GGUF file writer on top of `gguf.GGUFWriter`: header, metadata and tensor infos
-first, then each tensor's bytes in chunks, in tensor-info order, each padded to the alignment."""
+first, then each tensor's bytes in chunks, in tensor-info order, each padded to the alignment.
+
+Bytes go to disk from a background thread (file writes and hashing release the GIL), so
+the next chunk is encoded while the last one is written; the sha256 of the whole file is
+computed on the way and checked again by the verification pass.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
 ALIGNMENT = 32
+_QUEUED_CHUNKS = 3
 
 
 class GGUFStreamWriter:
     """Writes one GGUF v3 file whose tensors are known up front and arrive chunk by chunk."""
 
-    def __init__(self, path: Path, arch: str, metadata: dict[str, str | int], tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]]):
-        self.writer = GGUFWriter(path, arch=arch)
-        w = self.writer
+    def __init__(self, path: Path, arch: str, metadata: dict[str, str | int],
+                 tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]]):
+        w = GGUFWriter(path, arch=arch)
         for key, value in metadata.items():
             if key in ("general.file_type", "general.quantization_version"):
                 continue
@@ -32,45 +40,83 @@ class GGUFStreamWriter:
         if "general.quantization_version" in metadata:
             w.add_quantization_version(int(metadata["general.quantization_version"]))
         w.add_custom_alignment(ALIGNMENT)
-        self.expected = {}
         for name, shape, qtype, nbytes in tensors:
             # A non-uint8 dtype keeps `shape` as the logical torch shape; gguf reverses it to ggml order.
             w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-            self.expected[name] = nbytes
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        w.fout[0].flush()
+        self._gguf = w
         self.fout = w.fout[0]
+        self.sha256 = hashlib.sha256(Path(path).read_bytes()[: self.fout.tell()])
+        self.position = self.fout.tell()
         self.order = [t[0] for t in tensors]
-        self.index = 0
+        self.sizes = {t[0]: t[3] for t in tensors}
+        self.index = -1
         self.written = 0
-        self.digest = None
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUED_CHUNKS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self.fout.write(item)
+                    self.sha256.update(item)
+                except BaseException as e:  # surfaced on the main thread
+                    self._error = e
+
+    def _put(self, data) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+        self.position += len(data) if isinstance(data, bytes) else data.nbytes
 
     def begin_tensor(self, name: str) -> None:
         """Start the next tensor (must follow tensor-info order)."""
+        self.index += 1
         if self.index >= len(self.order) or self.order[self.index] != name:
-            raise ValueError(f"GGUF tensors must be written in order; expected {self.order[self.index]!r}, got {name!r}")
-        self.writer.write_padding(self.fout, self.fout.tell())
+            raise ValueError(f"GGUF tensors must be written in order; got {name!r}")
+        self._pad()
         self.written = 0
-        self.digest = hashlib.sha256()
 
     def write_chunk(self, data: np.ndarray) -> None:
         """Append raw bytes of the current tensor."""
         view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        self.fout.write(view)
-        self.digest.update(view)
+        self._put(view)
         self.written += view.nbytes
 
-    def end_tensor(self) -> str:
-        """Finish the current tensor; returns the sha256 of its bytes."""
+    def end_tensor(self) -> None:
+        """Finish the current tensor."""
         name = self.order[self.index]
-        if self.written != self.expected[name]:
-            raise ValueError(f"{name}: wrote {self.written} bytes, planned {self.expected[name]}")
-        self.writer.write_padding(self.fout, self.written)
-        self.writer.tensors[0].pop(name)
-        self.index += 1
-        return self.digest.hexdigest()
+        if self.written != self.sizes[name]:
+            raise ValueError(f"{name}: wrote {self.written} bytes, planned {self.sizes[name]}")
+
+    def _pad(self) -> None:
+        pad = -self.position % ALIGNMENT
+        if pad:
+            self._put(bytes(pad))
+
+    def finish(self) -> str:
+        """Pad the last tensor, flush, close; returns the sha256 of the whole file."""
+        if self.index != len(self.order) - 1:
+            raise ValueError(f"GGUF file closed after {self.index + 1} of {len(self.order)} tensors")
+        self._pad()
+        self.close()
+        return self.sha256.hexdigest()
 
     def close(self) -> None:
-        """Flush and close the file."""
-        self.writer.close()
+        """Stop the writer thread and close the file (also on failure)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._gguf.close()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -1,0 +1,218 @@
+"""Q4_0 / Q4_K / Q5_K / Q6_K (and Q8_0): byte-exact against ggml, decoders exact against gguf-py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from ideoquant.formats import ggml_kquants as kq
+from ideoquant.formats.ggml import GGMLType, ggml_type
+
+DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
+TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+IMATRIX_TYPES = ["Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+QUANT_TYPES = ["Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    with np.load(DATA) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _reference_keys() -> list[tuple[int, str, str, str]]:
+    with np.load(DATA) as z:
+        files = set(z.files)
+    cases = sorted({k.split("/")[1] for k in files if k.count("/") == 2})
+    out = []
+    for n in (256, 512):
+        for case in cases:
+            for t in TYPES:
+                for path in ("", "+imatrix_ones", "+imatrix_random"):
+                    if f"n{n}/{case}/{t}{path}" in files:
+                        out.append((n, case, t, path))
+    return out
+
+
+REFERENCE_KEYS = _reference_keys()
+
+
+def _first_difference(got: np.ndarray, want: np.ndarray, type_size: int) -> str:
+    bad = np.argwhere(got != want)
+    r, c = (int(v) for v in bad[0])
+    return (
+        f"{len(bad)} of {want.size} bytes differ; first at row {r} byte {c} "
+        f"(block {c // type_size}, offset {c % type_size}): got {got[r, c]}, ggml wrote {want[r, c]}"
+    )
+
+
+def _imatrix(ref, n: int, path: str) -> torch.Tensor | None:
+    if path == "":
+        return None
+    if path == "+imatrix_ones":
+        return torch.ones(n)
+    return torch.from_numpy(ref[f"n{n}/imatrix_random"])
+
+
+def test_reference_data_is_complete():
+    assert len(REFERENCE_KEYS) == 2 * 14 * (1 + 3 * len(IMATRIX_TYPES))
+
+
+@pytest.mark.parametrize(
+    "n,case,qtype,path", REFERENCE_KEYS, ids=[f"n{n}-{c}-{t}{p}" for n, c, t, p in REFERENCE_KEYS]
+)
+def test_encoder_matches_ggml(ref, n, case, qtype, path):
+    cls = ggml_type(qtype)
+    rows = torch.from_numpy(ref[f"n{n}/{case}/input"])
+    want = ref[f"n{n}/{case}/{qtype}{path}"]
+    got = cls.quantize_rows(rows, _imatrix(ref, n, path)).numpy()
+    assert got.shape == want.shape
+    if not np.array_equal(got, want):
+        pytest.fail(f"n{n}/{case}/{qtype}{path}: " + _first_difference(got, want, cls.type_size))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES)
+def test_quantize_tensor_matches_quantize_rows(ref, qtype):
+    """Chunked encoding (several inner chunks, padding) gives the same bytes as one call."""
+    cls = ggml_type(qtype)
+    rows = torch.from_numpy(np.concatenate([ref[f"n512/{c}/input"] for c in ("gaussian", "outliers", "zeros")]))
+    im = torch.from_numpy(ref["n512/imatrix_random"])
+    for imatrix in (None, im):
+        whole = cls.quantize_rows(rows, imatrix)
+        chunked = cls.quantize_tensor(rows, imatrix, chunk_weights=20 * 512)
+        assert torch.equal(whole, chunked)
+        # per-block weights through quantize_blocks (K-quants: the same as an imatrix per column)
+        if imatrix is not None and qtype != "Q4_0":
+            blocks = rows.reshape(-1, cls.block_size)
+            w = imatrix.reshape(1, -1).expand(rows.shape[0], -1).reshape(-1, cls.block_size)
+            assert torch.equal(cls.quantize_blocks(blocks, w).reshape(rows.shape[0], -1), whole)
+
+
+# --- decoders ---------------------------------------------------------------------------------
+
+
+def _gguf_dequantize(data: np.ndarray, qtype: str) -> np.ndarray:
+    return gguf_quants.dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32)
+
+
+def _assert_bits_equal(got: torch.Tensor, want: np.ndarray, what: str):
+    got_np = got.numpy()
+    assert got_np.shape == want.shape, what
+    same = got_np.view(np.uint32) == want.view(np.uint32)
+    if not same.all():
+        i = np.argwhere(~same)[0]
+        pytest.fail(f"{what}: {int((~same).sum())} values differ, first at {tuple(i)}: {got_np[tuple(i)]} vs {want[tuple(i)]}")
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_decoder_matches_gguf_on_ggml_output(ref, qtype):
+    cls = ggml_type(qtype)
+    for key in [k for k in ref if k.endswith(f"/{qtype}") or f"/{qtype}+" in k]:
+        data = ref[key]
+        _assert_bits_equal(cls.dequantize_rows(torch.from_numpy(data)), _gguf_dequantize(data, qtype), key)
+
+
+def _fp16_fields(qtype: str) -> list[int]:
+    return {"Q4_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[qtype]
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_decoder_matches_gguf_on_random_bytes(qtype):
+    cls = ggml_type(qtype)
+    gen = np.random.default_rng(7)
+    data = gen.integers(0, 256, size=(64, 4 * cls.type_size), dtype=np.uint8)
+    # random fp16 scales, kept finite (NaN/inf scales are not valid ggml data)
+    blocks = data.reshape(-1, cls.type_size)
+    for off in _fp16_fields(qtype):
+        scales = (gen.standard_normal(blocks.shape[0]) * 10.0 ** gen.integers(-6, 3, blocks.shape[0])).astype(np.float16)
+        blocks[:, off : off + 2] = scales.view(np.uint8).reshape(-1, 2)
+    _assert_bits_equal(cls.dequantize_rows(torch.from_numpy(data)), _gguf_dequantize(data, qtype), qtype)
+
+
+# --- round trip ------------------------------------------------------------------------------
+
+
+def _rel_error(qtype: str, x: torch.Tensor, imatrix: torch.Tensor | None = None) -> float:
+    cls = ggml_type(qtype)
+    y = cls.dequantize_rows(cls.quantize_rows(x, imatrix))
+    return float((y - x).norm() / x.norm())
+
+
+def test_round_trip_error_ordering():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 2048, generator=gen) * torch.exp(torch.randn(32, 1, generator=gen))
+    for imatrix in (None, torch.rand(2048, generator=gen) + 0.5):
+        e = {t: _rel_error(t, x, imatrix) for t in QUANT_TYPES}
+        assert e["Q6_K"] < e["Q5_K"] < e["Q4_K"] < 0.12, e
+        assert e["Q6_K"] < 0.03 and e["Q5_K"] < 0.06, e
+        assert e["Q4_0"] < 0.15, e
+
+
+def test_zero_rows_round_trip_to_zero():
+    x = torch.zeros(2, 512)
+    for t in QUANT_TYPES:
+        for imatrix in (None, torch.ones(512)):
+            y = ggml_type(t).dequantize_rows(ggml_type(t).quantize_rows(x, imatrix))
+            assert torch.equal(y.abs(), x), t
+
+
+# --- internals: the exactness machinery ------------------------------------------------------
+
+
+def test_registry_and_geometry():
+    for t, (bs, ts) in {"Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}.items():
+        cls = ggml_type(t)
+        assert GGMLType.registry[GGMLQuantizationType[t]] is cls
+        assert (cls.block_size, cls.type_size, cls.uses_imatrix) == (bs, ts, True)
+    with pytest.raises(ValueError):
+        ggml_type("Q4_K").quantize_rows(torch.zeros(1, 300))
+
+
+def test_sequential_sums_match_a_python_loop():
+    """torch.sum as used for ggml's sequential float sums, on shapes big enough to be threaded."""
+    gen = torch.Generator().manual_seed(3)
+    for cols in (64, 192, kq._col_align() * 40):
+        p = torch.randn(33, cols, generator=gen) * torch.exp(torch.randn(33, cols, generator=gen) * 6)
+        want = p[0].clone()
+        for r in list(range(1, 16)) + list(range(17, 33)):
+            want = want + p[r]
+        got = kq._sum33(p.clone())
+        assert torch.equal(got, want)
+        assert torch.equal(kq._sum_rows(p[:13]), kq._loop_sum(p[:13]))
+    # shapes the fast path cannot take fall back to the loop
+    q = torch.randn(16, 100, generator=gen) * 1e6
+    assert torch.equal(kq._sum_rows(q), kq._loop_sum(q))
+
+
+@pytest.mark.parametrize("qkx3", [False, True])
+def test_qkx_fast_path_agrees_with_exact_path(qkx3):
+    """The vectorized scale search equals its exact (bitwise nearest_int, looped sums) variant."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 256, generator=gen) * 0.05
+    x[:8] = x[:8].abs() + 0.3  # positive blocks
+    x[8:16] = -(x[8:16].abs()) - 0.3  # negative blocks
+    x[16:20, ::7] = 0.0
+    X34 = kq._superblocks_pos_major(x, 32, 34)
+    X = X34[1:].reshape(33, -1)
+    data = kq._ungap33(X)
+    W = X.abs() + 0.01
+    sum_w, sum_x = kq._sum33(W.clone()), kq._sum33(W * X)
+    args = (X, W, data.amin(0), data.amax(0), sum_w, sum_x, 15, -0.9, 0.05, 36, qkx3)
+    fast, _ = kq._make_qkx(*args)
+    exact, _ = kq._make_qkx(*args, exact=True)
+    assert torch.equal(fast.scale, exact.scale)
+    assert torch.equal(fast.the_min, exact.the_min)
+    assert torch.equal(kq._qkx_levels(X, fast, 15, qkx3, False), kq._qkx_levels(X, exact, 15, qkx3, True))
+
+
+def test_nearest_int_emulation():
+    v = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.49999, -7.5, 4194303.0, 1e9, float("inf")])
+    want = [0, 2, 2, 0, -2, 3, -8, 4194303]
+    assert kq._nearest_int_bits(v)[:8].tolist() == want
+    # outside the trick's range ggml gets wrapped garbage, not a saturated value
+    assert kq._nearest_int_bits(v)[8].item() != 1_000_000_000

@@ -1,0 +1,264 @@
+"""INT8 W8A8 files (compressed-tensors int-quantized) and the Int8Linear runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ideoquant.calibrate import calibrate, load_source_transformer, load_statistics, residual_gains, synthetic_calls
+from ideoquant.convert import ConvertOptions, Progress
+from ideoquant.errors import IdeoquantError
+from ideoquant.recipe import one_row_linears
+from ideoquant.formats.int8 import RECIPE_METADATA_KEY, layout_modules, write_int8_branch, write_int8_folder
+from ideoquant.runtime.int8 import (
+    Int8Linear,
+    _int_mm_fallback,
+    int8_matmul,
+    load_int8_transformer,
+    quantize_per_token,
+    quantize_weight_per_channel,
+)
+from ideoquant.smoothing import Int8Settings, plan_int8
+from ideoquant.source import SafetensorsFile, open_source
+from ideoquant.synth import write_synthetic_pipeline
+from ideoquant.writers.files import OutputSet
+
+CALIB = dict(synthetic=True, steps=3, resolution=64, synthetic_inputs=3, text_tokens=8, max_samples=96, quiet=True)
+# 13 token linears per branch at 2 blocks: protecting 2 is the paper's share (17 of 173).
+PROTECT = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread is faster than a pool, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    write_synthetic_pipeline(root / "pipeline")
+    calibrate(root / "pipeline", root / "stats.safetensors", **CALIB)
+    source = open_source(root / "pipeline")
+    options = ConvertOptions(fmt="int8", out=root / "out", calibration=root / "stats.safetensors", protect=PROTECT, quiet=True)
+    outputs = OutputSet()
+    results = {b: write_int8_branch(bs, source, options, outputs, Progress(b, 0, True)) for b, bs in source.branches.items()}
+    return root, source, results
+
+
+def _options(root: Path, **kw) -> ConvertOptions:
+    return ConvertOptions(fmt="int8", out=root, calibration=kw.pop("calibration", None), quiet=True, **kw)
+
+
+def test_missing_calibration_is_a_one_line_error(converted, tmp_path):
+    _, source, _ = converted
+    bs = source.branches["transformer"]
+    with pytest.raises(IdeoquantError, match="needs --calibration") as err:
+        write_int8_branch(bs, source, _options(tmp_path), OutputSet(), Progress("x", 0, True))
+    assert "\n" not in str(err.value)
+
+
+def test_config_validates_and_compressor_decompresses_exactly(converted):
+    from compressed_tensors.compressors import IntQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    root, source, results = converted
+    folder = root / "out" / "transformer"
+    config = json.loads((folder / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(config["quantization_config"])
+    assert qc.format == "int-quantized" and qc.quant_method == "compressed-tensors"
+    scheme = qc.config_groups["group_0"]
+    assert scheme.weights.strategy == "channel" and scheme.input_activations.strategy == "token"
+    assert scheme.input_activations.dynamic is True
+    recipe = results["transformer"].recipe
+    # ignore: every linear left in bf16, in diffusers names (qkv is three modules).
+    assert "adaln_proj" in qc.ignore and "layers.0.adaln_modulation" in qc.ignore
+    kept = set(recipe["kept"])
+    assert len(kept) == len(one_row_linears(source.branches["transformer"].dims)) + PROTECT
+    for module in kept:
+        names = [module.replace("attention.qkv", f"attention.{p}") for p in ("to_q", "to_k", "to_v")]
+        names = names if "attention.qkv" in module else [module.replace("attention.o", "attention.to_out.0")]
+        assert all(n in qc.ignore for n in names)
+
+    f = SafetensorsFile(folder / "diffusion_pytorch_model.safetensors")
+    meta = json.loads(f.metadata[RECIPE_METADATA_KEY])
+    assert meta["protected"] == recipe["protected"] and meta["linears"]["input_proj"]["error_plain"] is not None
+    # The compressor re-derives the int8 codes from the smoothed float weight and our scales,
+    # and decompresses our codes to exactly q * scale.
+    bs = source.branches["transformer"]
+    saved = load_statistics(root / "stats.safetensors")
+    gains = residual_gains(saved.energies["transformer"])
+    plan = plan_int8(bs.dims, bs.read_float32, saved.branch("transformer"), Int8Settings(protect=PROTECT), gains)
+    assert plan.protected == recipe["protected"]
+    checked = 0
+    for module in plan.quantized:
+        canonical = module + ".weight"
+        smoothed = plan.smooth_tensor(canonical, bs.read_float32(canonical))
+        names = layout_modules(module, "diffusers")
+        for name, part in zip(names, smoothed.chunk(len(names))):
+            q, scale = f.read(name + ".weight"), f.read(name + ".weight_scale")
+            assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (q.shape[0], 1)
+            out = IntQuantizationCompressor.decompress({"weight": q, "weight_scale": scale}, scheme)
+            assert torch.equal(out["weight"], q.float() * scale)
+            again = IntQuantizationCompressor.compress({"weight": part, "weight_scale": scale}, scheme)
+            assert torch.equal(again["weight"], q), name
+            checked += 1
+    assert checked >= 8
+
+
+def test_tensor_types_and_reports(converted):
+    root, _, results = converted
+    result = results["transformer"]
+    reports = {r.name: r for r in result.tensors}
+    f = SafetensorsFile(root / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert set(reports) == set(f.tensors)
+    folded = [n for n, r in reports.items() if r.out_type == "F32" and not n.endswith("weight_scale")]
+    assert folded and all(n.endswith("norm1.weight") or n == "llm_cond_norm.weight" for n in folded)
+    for name, r in reports.items():
+        assert f.tensors[name].nbytes == r.nbytes
+        if r.out_type == "int8":
+            assert 0 < r.rel_error < 0.02
+    assert reports["layers.0.adaln_modulation.weight"].out_type == "BF16"
+    # The protected set is the top of the measured impact ranking.
+    linears = result.recipe["linears"]
+    ranked = sorted((m for m, c in linears.items() if c["impact"] is not None), key=lambda m: -linears[m]["impact"])
+    assert sorted(result.recipe["protected"]) == sorted(ranked[:PROTECT])
+    assert result.recipe["calibration"]["source_checksum_match"] is True
+    assert (root / "out" / "transformer" / "config.json") in result.files
+
+
+def test_uncond_branch_without_text_statistics(converted):
+    root, _, results = converted
+    recipe = results["unconditional_transformer"].recipe
+    llm = recipe["linears"]["llm_cond_proj"]
+    assert llm["quantized"] and llm["alpha"] is None and llm["error"] is None
+    f = SafetensorsFile(root / "out" / "unconditional_transformer" / "diffusion_pytorch_model.safetensors")
+    assert f.tensors["llm_cond_proj.weight"].dtype == torch.int8
+    assert f.tensors["llm_cond_norm.weight"].dtype == torch.bfloat16  # nothing folded into it
+
+
+def _simulate(model: nn.Module) -> nn.Module:
+    """The loaded model with every Int8Linear replaced by the same math in plain float ops.
+
+    The integer product is taken in float64 (exact at any K), the scales are applied in
+    float32 as the runtime does: only then can a rounding boundary not flip a code.
+    """
+
+    class Simulated(nn.Module):
+        def __init__(self, layer: Int8Linear):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            q, sx = quantize_per_token(x.reshape(-1, x.shape[-1]))
+            acc = (q.double() @ self.layer.weight.double().t()).float()
+            y = acc * sx * self.layer.weight_scale.t()
+            if self.layer.bias is not None:
+                y = y + self.layer.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, Simulated(module))
+    return model
+
+
+def _calls(bs, branch):
+    return [c for i in (11, 12) for c in synthetic_calls(bs.dims, i, 3, 2, 64, 8, branch)]
+
+
+def _velocity(model, calls):
+    with torch.no_grad():
+        return torch.cat([model(**c, return_dict=False)[0] for c in calls])
+
+
+def test_loaded_model_matches_a_float_simulation(converted):
+    root, source, _ = converted
+    folder = root / "out" / "transformer"
+    model = load_int8_transformer(folder, dtype=torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+    assert model.dtype == torch.float32
+    calls = _calls(source.branches["transformer"], "transformer")
+    got = _velocity(model, calls)
+    expected = _velocity(_simulate(load_int8_transformer(folder, dtype=torch.float32)), calls)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    bf16 = load_int8_transformer(folder, dtype=torch.bfloat16)
+    # As the pipeline does: inputs in the model's dtype. The timestep embedding scales t by
+    # 1e4, so the float32 reference gets the same bf16-rounded t.
+    call = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in calls[0].items()}
+    v = _velocity(bf16, [call])
+    assert v.dtype == torch.bfloat16
+    ref = _velocity(model, [{**calls[0], "timestep": call["timestep"].float()}])
+    assert float((v.float() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_fused_layout_loads_to_the_same_model(converted, tmp_path):
+    root, source, _ = converted
+    bs = source.branches["transformer"]
+    saved = load_statistics(root / "stats.safetensors")
+    gains = residual_gains(saved.energies["transformer"])
+    recipe = plan_int8(bs.dims, bs.read_float32, saved.branch("transformer"), Int8Settings(protect=PROTECT), gains)
+    files, _ = write_int8_folder(bs, recipe, tmp_path / "fused", OutputSet(), layout="fused")
+    f = SafetensorsFile(tmp_path / "fused" / "diffusion_pytorch_model.safetensors")
+    assert "layers.0.attention.qkv.weight" in f.tensors and "layers.0.attention.to_q.weight" not in f.tensors
+    ignore = json.loads((tmp_path / "fused" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert not any("to_q" in n or "to_out" in n for n in ignore)
+    calls = _calls(bs, "transformer")[:2]
+    fused = _velocity(load_int8_transformer(tmp_path / "fused", dtype=torch.float32), calls)
+    split = _velocity(load_int8_transformer(root / "out" / "transformer", dtype=torch.float32), calls)
+    torch.testing.assert_close(fused, split, rtol=0, atol=0)
+
+
+def test_int8_matmul_and_fallback_are_exact():
+    gen = torch.Generator().manual_seed(1)
+    for m, k, n in ((1, 3, 5), (17, 2056, 24), (40, 64, 8)):
+        a = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        exact = (a.long() @ w.long().t()).to(torch.int32)
+        assert torch.equal(int8_matmul(a, w), exact)
+        assert torch.equal(_int_mm_fallback(a, w), exact)
+    w = torch.randn(6, 10)
+    w[2] = 0
+    q, scale = quantize_weight_per_channel(w)
+    assert torch.equal(q[2], torch.zeros(10, dtype=torch.int8)) and int(q.abs().max()) == 127
+
+
+def _block_errors(model: nn.Module, reference: list[torch.Tensor], calls) -> list[float]:
+    outputs = _block_outputs(model, calls)
+    return [float((o - r).norm() / r.norm()) for o, r in zip(outputs, reference)]
+
+
+def _block_outputs(model: nn.Module, calls) -> list[torch.Tensor]:
+    captured: dict[int, list[torch.Tensor]] = {}
+    handles = [
+        block.register_forward_hook(lambda mod, args, out, i=i: captured.setdefault(i, []).append(out.detach()))
+        for i, block in enumerate(model.layers)
+    ]
+    _velocity(model, calls)
+    for h in handles:
+        h.remove()
+    return [torch.cat(captured[i], dim=1) for i in range(len(model.layers))]
+
+
+@pytest.mark.parametrize("branch", ["transformer", "unconditional_transformer"])
+def test_smoothing_and_protection_cut_block_errors(converted, tmp_path, branch):
+    root, source, _ = converted
+    bs = source.branches[branch]
+    stats = load_statistics(root / "stats.safetensors").branch(branch)
+    plain = plan_int8(bs.dims, bs.read_float32, stats, Int8Settings(smooth=False, protect=0))
+    write_int8_folder(bs, plain, tmp_path / "plain", OutputSet())
+    calls = _calls(bs, branch)
+    reference = _block_outputs(load_source_transformer(bs), calls)
+    ours = _block_errors(load_int8_transformer(root / "out" / branch, dtype=torch.float32), reference, calls)
+    base = _block_errors(load_int8_transformer(tmp_path / "plain", dtype=torch.float32), reference, calls)
+    for i, (e, b) in enumerate(zip(ours, base)):
+        assert e < b / 2, (branch, i, ours, base)
