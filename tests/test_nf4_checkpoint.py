@@ -16,8 +16,11 @@ from ideoquant.convert import ConvertOptions, Progress, convert
 from ideoquant.errors import IdeoquantError
 from ideoquant.formats.gguf import relative_error
 from ideoquant.formats.nf4 import dequantize_nf4, parse_nf4_serialized, quantize_nf4
+from ideoquant.formats import nf4_checkpoint
 from ideoquant.formats.nf4_checkpoint import (
+    AbsmaxMean,
     BlockStream,
+    NF4Encoder,
     quantization_config,
     write_nf4_branch,
 )
@@ -174,6 +177,11 @@ def test_shards_and_index_list_every_key(outputs):
                 held.update({k: shard.name for k in f.keys()})
                 assert f.metadata()["ideoquant.format"] == "nf4"
         assert index["weight_map"] == held
+        # diffusers loads shard by shard: a packed weight and its quant state must share a shard.
+        for key, shard in held.items():
+            if key.endswith(STATE):
+                weight = key[: -len(STATE)]
+                assert {held[k] for k in held if k == weight or k.startswith(weight + ".")} == {shard}, weight
         assert index["metadata"]["total_size"] == sum(s.stat().st_size for s in shards) - sum(_header_len(s) for s in shards)
     result = next(r for r in results if r.branch == "transformer")
     assert {p.name for p in result.files} == {p.name for p in (out / "transformer").iterdir()}
@@ -273,7 +281,8 @@ def test_report_gives_types_sizes_errors_and_recipe(outputs, source):
     assert set(reports) == {n for s in expected_tensors(bs.dims) for n in to_layout_names(s.name, "diffusers")}
     for name in quantized_weights(tensors):
         t = reports[name]
-        assert t.out_type == "NF4" and t.nbytes == sum(v.numel() * v.element_size() for v in companions(tensors, name).values()) + tensors[name].numel()
+        stored = [tensors[name], *companions(tensors, name).values()]
+        assert t.out_type == "NF4" and t.nbytes == sum(v.numel() * v.element_size() for v in stored)
         nf4 = parse_nf4_serialized(tensors, name[:-7])
         decoded = dequantize_nf4(nf4.packed, nf4.absmax, nf4.shape)
         assert t.rel_error == pytest.approx(relative_error(decoded, source_weight(bs, name)), rel=1e-4)
@@ -335,6 +344,15 @@ def test_cli_convert_then_verify(tiny_fp8, tmp_path):
     assert all(v["tensors_compared"] > 0 and v["max_deviation_from_report"] <= 1e-6 for v in verified.values())
 
 
+@pytest.mark.parametrize("case", ["fused-double", "all-double"])
+def test_fused_and_double_quant_folders_verify_against_the_source(outputs, tiny_fp8, case):
+    from ideoquant.verify import verify_folder
+
+    section = verify_folder(outputs[case][0], str(tiny_fp8))
+    stats = section["branches"]["transformer"]
+    assert stats["tensors_compared"] > 0 and stats["max_deviation_from_report"] <= 1e-6 and stats["max"] < NF4_ERROR_BOUND
+
+
 def test_bad_options_are_one_line_errors(source, tmp_path):
     bs = source.branches["transformer"]
     for options, message in [
@@ -363,3 +381,42 @@ def test_block_stream_regroups_any_piece_sizes():
     stream.close()
     assert all(s.numel() % 64 == 0 for s in stream.segments[:-1]) and stream.segments[-1].numel() == 1000 % 64
     assert torch.equal(torch.cat(stream.segments), values)
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_encoder_fed_in_odd_pieces_gives_bitsandbytes_bytes(double):
+    # 39000 weights: rows straddle 64-blocks, the last block is partial, and there are several 256-block groups.
+    w = torch.randn(300, 130, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 3, 300)[:, None]
+    flat = w.reshape(-1)
+    cuts = [0, 7, 100, 16384, 16390, 30000, 38999, 39000]
+    offset = None
+    if double:
+        mean = AbsmaxMean(flat.numel())
+        for lo, hi in zip(cuts, cuts[1:]):
+            mean.push(flat[lo:hi])
+        mean.close()
+        offset = mean.mean()
+    enc = NF4Encoder(flat.numel(), offset)
+    for lo, hi in zip(cuts, cuts[1:]):
+        enc.push(flat[lo:hi])
+    nested = enc.finish("w")
+    ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double)
+    assert torch.equal(enc.packed, ref_packed.view(-1))
+    if double:
+        assert nested.offset == float(ref_state.offset)
+        assert torch.equal(nested.codes, ref_state.absmax) and torch.equal(nested.nested_absmax, ref_state.state2.absmax)
+    else:
+        assert nested is None and torch.equal(enc.absmax.view(torch.int32), ref_state.absmax.view(torch.int32))
+    ref_state.dtype = torch.float32
+    assert enc.meter.relative() == pytest.approx(relative_error(F.dequantize_4bit(ref_packed, ref_state), w), rel=1e-5)
+
+
+def test_small_source_chunks_change_nothing(outputs, tiny_fp8, tmp_path, monkeypatch):
+    # Reads of 3 rows: pieces straddle the q/k/v boundaries and the 16384-weight double-quant groups.
+    monkeypatch.setattr(nf4_checkpoint, "CHUNK_WEIGHTS", 1000)
+    out = tmp_path / "small-chunks"
+    convert(str(tiny_fp8), ConvertOptions(fmt="nf4", out=out, branches="cond", quiet=True, all_linears=True, double_quant=True))
+    ours = stored_tensors(out / "transformer")
+    ref = stored_tensors(outputs["all-double"][0] / "transformer")
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k].view(torch.uint8), ref[k].view(torch.uint8)) for k in ref)
