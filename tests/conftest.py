@@ -14,6 +14,15 @@ from ideoquant.synth import write_synthetic_pipeline
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests run tiny tensors: one torch thread beats a pool, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_fp8(tmp_path_factory) -> Path:
     """A tiny synthetic pipeline folder in the published FP8 layout (fused names)."""

@@ -28,14 +28,6 @@ SYNTH = dict(synthetic=True, steps=3, resolution=64, synthetic_inputs=4, text_to
 IMAGE_TOKENS = (64 // 16) ** 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as in the worker processes: float results then match bit for bit
-    (and tiny tensors run faster without a thread pool on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,8 @@ def _assert_bits_equal(got: torch.Tensor, want: np.ndarray, what: str):
     same = got_np.view(np.uint32) == want.view(np.uint32)
     if not same.all():
         i = np.argwhere(~same)[0]
-        pytest.fail(f"{what}: {int((~same).sum())} values differ, first at {tuple(i)}: {got_np[tuple(i)]} vs {want[tuple(i)]}")
+        at = tuple(int(v) for v in i)
+        pytest.fail(f"{what}: {int((~same).sum())} values differ, first at {at}: {got_np[at]} vs {want[at]}")
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -129,7 +130,8 @@ def test_decoder_matches_gguf_on_random_bytes(qtype):
     # random fp16 scales, kept finite (NaN/inf scales are not valid ggml data)
     blocks = data.reshape(-1, cls.type_size)
     for off in _fp16_fields(qtype):
-        scales = (gen.standard_normal(blocks.shape[0]) * 10.0 ** gen.integers(-6, 3, blocks.shape[0])).astype(np.float16)
+        mags = 10.0 ** gen.integers(-6, 3, blocks.shape[0])
+        scales = (gen.standard_normal(blocks.shape[0]) * mags).astype(np.float16)
         blocks[:, off : off + 2] = scales.view(np.uint8).reshape(-1, 2)
     _assert_bits_equal(cls.dequantize_rows(torch.from_numpy(data)), _gguf_dequantize(data, qtype), qtype)
 
@@ -216,3 +218,35 @@ def test_nearest_int_emulation():
     assert kq._nearest_int_bits(v)[:8].tolist() == want
     # outside the trick's range ggml gets wrapped garbage, not a saturated value
     assert kq._nearest_int_bits(v)[8].item() != 1_000_000_000
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
+def test_flagged_blocks_are_redone_exactly(ref, qtype, monkeypatch):
+    """Blocks the fast path cannot vouch for go through the exact path: same bytes here."""
+    rows = torch.from_numpy(ref["n512/heavy_tailed/input"])
+    im = torch.from_numpy(ref["n512/imatrix_random"])
+    want = [ggml_type(qtype).quantize_rows(rows, imatrix) for imatrix in (None, im)]
+    real = kq._make_qkx
+    calls = []
+
+    def flag_every_other(*args, exact=False):
+        res, flagged = real(*args, exact=exact)
+        if not exact:
+            flagged = flagged.clone()
+            flagged[::2] = True
+        calls.append(exact)
+        return res, flagged
+
+    monkeypatch.setattr(kq, "_make_qkx", flag_every_other)
+    got = [ggml_type(qtype).quantize_rows(rows, imatrix) for imatrix in (None, im)]
+    assert True in calls
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_decoder_is_device_generic(qtype):
+    """No CPU-only constants in the decoders (meta stands in for CUDA)."""
+    cls = ggml_type(qtype)
+    y = cls.dequantize_rows(torch.empty(3, 2 * cls.type_size, dtype=torch.uint8, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 2 * cls.block_size) and y.dtype == torch.float32

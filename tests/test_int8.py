@@ -32,13 +32,6 @@ CALIB = dict(synthetic=True, steps=3, resolution=64, synthetic_inputs=3, text_to
 PROTECT = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one torch thread is faster than a pool, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

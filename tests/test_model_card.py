@@ -30,13 +30,6 @@ BASE_MODEL = "ideogram-ai/ideogram-4-fp8"
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one torch thread is faster than a pool, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def licensed_source(tiny_fp8: Path, dst: Path) -> Path:
     """The tiny source with a model card and a LICENSE.md, as a Hub snapshot has them."""

@@ -212,13 +212,7 @@ def assert_linears_run_off_cpu(model: torch.nn.Module) -> None:
         assert y.device.type == "meta" and y.shape == (3, module.out_features) and y.dtype == torch.bfloat16
 
 
-_CPU_CONSTANT = "ggml_kquants builds a shift table on the CPU (torch.arange/tensor without device=)"
-
-
-@pytest.mark.parametrize(
-    "qtype",
-    [t if t not in ("Q5_K", "Q6_K") else pytest.param(t, marks=pytest.mark.xfail(reason=_CPU_CONSTANT)) for t in TYPES],
-)
+@pytest.mark.parametrize("qtype", TYPES)
 def test_decoding_is_device_generic(gguf_files, qtype):
     assert_linears_run_off_cpu(load_transformer(gguf_files[qtype], dtype=torch.bfloat16))
 

@@ -15,13 +15,6 @@ from ideoquant.synth import write_synthetic_pipeline
 CALIB = dict(synthetic=True, steps=3, resolution=64, synthetic_inputs=3, text_tokens=8, max_samples=96, quiet=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one torch thread is faster than a pool, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

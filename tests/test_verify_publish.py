@@ -29,13 +29,6 @@ REPO = "someone/ideogram-4-test"
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one torch thread is faster than a pool, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def run_cli(*args: str):
     return CliRunner().invoke(cli.main, [str(a) for a in args])

@@ -1,0 +1,1019 @@
+"""ggml Q4_0 and K-quants (Q4_K, Q5_K, Q6_K): encoders byte-identical to ggml, torch decoders.
+
+The encoders follow ggml's `ggml_quantize_chunk`: without an importance matrix they are the
+`quantize_row_<type>_ref` functions (what llama-quantize writes without --imatrix), with one
+they are the `quantize_row_<type>_impl` functions. Every quantity ggml computes in float is
+computed here in float32 with the same operations in the same order, so the output is the
+same to the byte:
+
+* sums that ggml accumulates one element after the other stay sequential (`_sum_rows`,
+  `_sum33`), never torch's pairwise/vectorized reduction order;
+* `nearest_int` is round-half-to-even, or its bit-exact emulation where the argument can
+  leave the range the 12582912 trick is meant for (`_nearest_int_bits`);
+* scalars such as `0.1f*is + nmax` are rounded to float32 step by step (numpy float32);
+  `c / t` is a true division (Python's `c / tensor` multiplies by a reciprocal);
+* sqrtf is correctly rounded (torch's vectorized float32 sqrt is not; `_sqrt`);
+* d and dmin are rounded to fp16 and re-read wherever ggml re-reads them;
+* the early-outs (all-equal, all-zero blocks), the `>` vs `>=` tests, the uint8 truncations
+  and the requantization's "keep the search's levels when d*sc == 0" are reproduced.
+
+Layout. Blocks are processed position-major: a tensor [positions, columns] whose columns are
+(sub-)blocks, so that "element i of every block" is one contiguous row and a sequential sum
+over positions is a chain of row additions across all blocks at once. Columns are ordered
+(sub-block index within the super-block, super-block) so that one sub-block index is a
+contiguous run of columns. Sums over 32 positions use a 33-row "gapped" layout whose row 16
+is a scratch slot (see `_sum33`); a 34-row buffer adds a leading slot for chained sums
+(sigma2 over a whole super-block or row). Rows are encoded in inner chunks of a few hundred
+thousand weights, so the temporaries stay small; the search loops run over candidate scales
+and over positions in a block, never over blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from .ggml import DEFAULT_CHUNK_WEIGHTS, GGMLType, fp16_bytes, fp16_from_bytes
+
+QK_K = 256
+GROUP_MAX_EPS = float(np.float32(1e-15))
+NEAREST_INT_LIMIT = 4194303.0  # |x| up to which ggml's nearest_int is round-half-even
+
+# Weights per inner chunk of the encoders and per torch thread: large enough to amortise
+# torch's per-op overhead, small enough for the temporaries of the scale search to stay in cache.
+INNER_CHUNK_WEIGHTS = 1 << 17
+
+_F32 = torch.float32
+
+
+def _cpu32(t: torch.Tensor) -> torch.Tensor:
+    """Encoder input as CPU float32: the exactness arguments here are about torch's CPU kernels."""
+    return t.to(device="cpu", dtype=_F32)
+
+
+def _fp16_round(t: torch.Tensor) -> torch.Tensor:
+    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(t)): round to nearest-even fp16, back to float32."""
+    return t.to(torch.float16).to(_F32)
+
+
+def _div(c: float, t: torch.Tensor) -> torch.Tensor:
+    """float32 `c / t` for a float32 scalar c (Python's `c / t` computes `t.reciprocal() * c`)."""
+    return torch.div(torch.tensor(c, dtype=_F32), t)
+
+
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrtf (torch's vectorized float32 sqrt is not): via float64."""
+    return torch.sqrt(t.to(torch.float64)).to(_F32)
+
+
+def _nearest_int_bits(v: torch.Tensor) -> torch.Tensor:
+    """ggml's `nearest_int`, bit for bit for any float32 input: int32 tensor."""
+    bits = (v + 12582912.0).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# --------------------------------------------------------------------------------------------
+# Sequential float32 sums over the leading dimension.
+#
+# ggml accumulates `s += p[i]` from s = 0 for i = 0..n-1. torch's CPU sum over an outer
+# dimension whose remaining dims are contiguous (cascade_sum's multi_row_sum) adds the rows of
+# each group of 16 one after the other into a fresh accumulator that starts at zero, and adds
+# a 17th row last. Each thread's share of columns is handled that way when it is a multiple
+# of (vector width x 4) columns, 64 at most; other column counts take a path with several
+# partial accumulators. So for suitable shapes a torch.sum over <= 16 rows is ggml's order,
+# and over 17 rows [s, p0..p15] it is s + p0 + ... + p15 in order (the 17th row is added by
+# commutativity, which is exact). A 32-element sum is two torch.sum calls on a 33-row buffer
+# whose row 16 receives the first partial sum (`_sum33`). Whether this holds for the running
+# torch is checked once, on adversarial data; for other shapes, or if the check fails, the
+# sums are explicit row-by-row additions (same result, slower).
+# --------------------------------------------------------------------------------------------
+
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller reductions run on one thread
+_VEC_COLS = 64
+_SEQ_OK: dict[int, bool] = {}
+_FAST_SHAPES: dict[tuple, bool] = {}
+
+
+def _col_align() -> int:
+    """Column multiple that keeps a large torch.sum on its sequential path on every thread."""
+    return _VEC_COLS * max(1, torch.get_num_threads())
+
+
+def _loop_sum(p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    s = p[0].clone()
+    for r in range(1, p.shape[0]):
+        s.add_(p[r])
+    if out is not None:
+        out.copy_(s)
+        return out
+    return s
+
+
+def _check_torch_sum_sequential() -> bool:
+    align = _col_align()
+    gen = torch.Generator().manual_seed(1234)
+    for cols in (_VEC_COLS, align, 3 * align, 37 * align, 301 * align):
+        for rows in (8, 16, 17):
+            mag = torch.exp(torch.randn(rows, cols, generator=gen) * 6)
+            p = (torch.randn(rows, cols, generator=gen) * mag).to(_F32)
+            buf = torch.empty(rows + 1, cols)
+            buf[:rows] = p
+            if not _fast_shape(buf[:rows]):
+                continue
+            torch.sum(buf[:rows], 0, out=buf[rows])
+            if not torch.equal(buf[rows], _loop_sum(p)):
+                return False
+    return True
+
+
+def _fast_shape(p: torch.Tensor) -> bool:
+    """Whether torch.sum(p, 0) adds p's rows in order (see above)."""
+    shape, strides = p.shape, p.stride()
+    rows = shape[0]
+    if rows > 17:
+        return False
+    cols = 1
+    for size, stride in zip(reversed(shape[1:]), reversed(strides[1:])):
+        if size != 1 and stride != cols:
+            return False  # the trailing dims must form one contiguous run of columns
+        cols *= size
+    if cols % _VEC_COLS:
+        return False
+    return rows * cols < _GRAIN or cols % _col_align() == 0
+
+
+def _seq_fast() -> bool:
+    threads = torch.get_num_threads()
+    ok = _SEQ_OK.get(threads)
+    if ok is None:
+        ok = _SEQ_OK[threads] = _check_torch_sum_sequential()
+    return ok
+
+
+def _sum_rows(p: torch.Tensor, out: torch.Tensor | None = None, exact_loop: bool = False) -> torch.Tensor:
+    """Sequential sum p[0] + p[1] + ... of up to 17 rows, over the leading dimension."""
+    key = (p.shape, p.stride(), torch.get_num_threads())
+    fast = _FAST_SHAPES.get(key)
+    if fast is None:
+        fast = _FAST_SHAPES[key] = _fast_shape(p) and _seq_fast()
+    if exact_loop or not fast:
+        return _loop_sum(p, out)
+    if out is None:
+        return torch.sum(p, 0)
+    return torch.sum(p, 0, out=out)
+
+
+def _sum33(p: torch.Tensor, out: torch.Tensor | None = None, exact_loop: bool = False) -> torch.Tensor:
+    """Sequential sum of 32 rows stored gapped: rows 0..15, scratch row 16, rows 17..32.
+
+    Overwrites row 16 of `p`."""
+    _sum_rows(p[0:16], p[16], exact_loop)
+    return _sum_rows(p[16:33], out, exact_loop)
+
+
+def _gapped33(pos_major: torch.Tensor, rows: int = 33) -> torch.Tensor:
+    """[32, ...] -> [33, ...] with positions 0..15 in rows 0..15 and 16..31 in rows 17..32."""
+    out = torch.empty((rows,) + tuple(pos_major.shape[1:]), dtype=_F32)
+    off = rows - 33
+    out[off : off + 16] = pos_major[:16]
+    out[off + 17 : off + 33] = pos_major[16:]
+    out[off + 16] = 0.0
+    if off:
+        out[:off] = 0.0
+    return out
+
+
+def _ungap33(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_gapped33` (rows 0..15 and 17..32 of a 33-row tensor)."""
+    return torch.cat([t[:16], t[17:33]], dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# make_qkx2_quants / make_qkx3_quants: asymmetric (scale, min) search for 32-element blocks.
+# --------------------------------------------------------------------------------------------
+
+
+class _QkxResult:
+    __slots__ = ("scale", "the_min", "l_iscale", "l_min", "early")
+
+    def __init__(self, scale, the_min, l_iscale, l_min, early):
+        self.scale = scale  # returned scale
+        self.the_min = the_min  # *the_min (= -min)
+        self.l_iscale = l_iscale  # L = clamp(nearest_int(l_iscale * (x - l_min)), 0, nmax)
+        self.l_min = l_min
+        self.early = early  # blocks that took the all-equal early-out (L = 0)
+
+
+class _Gap33:
+    """Views of a 33-row gapped buffer for `_sum33`, made once (view creation costs a few us)."""
+
+    __slots__ = ("lo", "slot", "hi", "fast")
+
+    def __init__(self, buf: torch.Tensor):
+        self.lo, self.slot, self.hi = buf[0:16], buf[16], buf[16:33]
+        self.fast = _fast_shape(self.lo) and _fast_shape(self.hi) and _seq_fast()
+
+    def sum(self, out: torch.Tensor, exact_loop: bool = False) -> torch.Tensor:
+        if self.fast and not exact_loop:
+            torch.sum(self.lo, 0, out=self.slot)
+            return torch.sum(self.hi, 0, out=out)
+        _sum_rows(self.lo, self.slot, True)
+        return _sum_rows(self.hi, out, True)
+
+
+def _make_qkx(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    xmin: torch.Tensor,
+    xmax: torch.Tensor,
+    sum_w: torch.Tensor,
+    sum_x: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    qkx3: bool,
+    exact: bool = False,
+) -> tuple[_QkxResult, torch.Tensor]:
+    """ggml's make_qkx2_quants (qkx3=False) or make_qkx3_quants (qkx3=True), use_mad=false.
+
+    X, W: [33, B] gapped position-major blocks and weights; xmin/xmax: [B] block min/max;
+    sum_w = sum(w), sum_x = sum(w*x) in ggml's order. Returns the result and a [B] mask of
+    blocks whose fast-path arithmetic may differ from ggml (nearest_int out of range, NaN);
+    with exact=True those are computed exactly (slow, for a handful of blocks).
+
+    The candidate loop is sequential as in ggml (each candidate's iscale uses the min of the
+    best fit so far); it runs vectorized over all blocks, keeping per block the state
+    (best error, scale, and the (iscale, min) that produced the winning levels).
+    """
+    B = X.shape[1]
+    fnmax = float(nmax)
+    mn0 = torch.where(xmin > 0, torch.zeros_like(xmin), xmin)
+    mx = xmax
+    early = (mx <= mn0) if qkx3 else (mx == mn0)
+    iscale0 = _div(fnmax, mx - mn0)
+
+    T = torch.empty_like(X)  # levels of the candidate, then its weighted squared errors
+    P = torch.empty((33, 3, B), dtype=_F32)  # w*l, w*l*x, w*l*l: summed in one pass
+    P_wl, P_wlx, P_wll = P.unbind(1)
+    gT, gP = _Gap33(T), _Gap33(P)
+
+    def quant(isc, m, out):  # Laux = clamp(nearest_int(isc*(x - m)), 0, nmax)
+        torch.sub(X, m, out=out)
+        out.mul_(isc)
+        if exact:
+            if qkx3:  # v > 0 ? nearest_int(MIN(v, nmax)) : 0
+                v = out.clone()
+                out.copy_(torch.where(v > 0, torch.round(torch.clamp(v, max=fnmax)), torch.zeros_like(v)))
+            else:
+                out.copy_(_nearest_int_bits(out).clamp_(0, nmax).to(_F32))
+        else:
+            out.round_().clamp_(0.0, fnmax)
+        return out
+
+    def error(s, m, L, out):  # sum of w * (s*L + m - x)^2, sequential; consumes L
+        L.mul_(s)
+        L.add_(m)
+        L.sub_(X)
+        L.mul_(L)
+        L.mul_(W)
+        return gT.sum(out, exact)
+
+    # state rows: best error, scale, iscale and min of the winning levels, current min.
+    state = torch.empty((5, B), dtype=_F32)
+    new = torch.empty((5, B), dtype=_F32)
+    best, mn = state[0], state[4]
+    cur, this_scale, isc, prev_mn, this_min = new
+    torch.div(torch.tensor(1.0, dtype=_F32), iscale0, out=state[1])
+    state[2] = iscale0
+    state[3] = mn0
+    mn.copy_(mn0)
+    error(state[1], mn0, quant(iscale0, mn0, T), best)
+    mn_hi = mn0.clone()  # largest min used: bounds |iscale*(x - min)| over the loop
+
+    rmin32, rdelta32, nmax32 = np.float32(rmin), np.float32(rdelta), np.float32(nmax)
+    cs = [float((rmin32 + rdelta32 * np.float32(i)) + nmax32) for i in range(nstep + 1)]
+    c_ts = [torch.tensor(c, dtype=_F32) for c in cs]
+    # G rows: sum_x (constant), then the sums of the P planes (sum_l, sum_xl, sum_l2), then a
+    # copy of sum_l2, laid out so that the products below are plain row views.
+    G = torch.empty((5, B), dtype=_F32)
+    G[0] = sum_x
+    sums = G[1:4]
+    sum_l, sum_xl, sum_l2, sum_l2c = G[1], G[2], G[3], G[4]
+    lhs1 = torch.stack([sum_w, sum_w, sum_x])
+    prod1 = torch.empty((3, B), dtype=_F32)
+    prod2 = torch.empty((3, B), dtype=_F32)
+    D = prod1[1]
+    scale_min = new[1:5:3]  # this_scale, this_min
+    state_bits, new_bits = state.view(torch.int32), new.view(torch.int32)
+    flip = torch.empty_like(new_bits)
+    mask = torch.empty(B, dtype=torch.int32)
+    acc = torch.empty(B, dtype=torch.bool)
+    acc2 = torch.empty(B, dtype=torch.bool)
+    pos = torch.empty(B, dtype=torch.bool)
+    rng = torch.empty_like(mx)
+    for c_t in c_ts:
+        torch.sub(mx, mn, out=rng)
+        torch.div(c_t, rng, out=isc)
+        prev_mn.copy_(mn)
+        if not exact:
+            torch.maximum(mn_hi, mn, out=mn_hi)
+        L = quant(isc, mn, T)
+        torch.mul(W, L, out=P_wl)
+        torch.mul(P_wl, L, out=P_wll)
+        torch.mul(P_wl, X, out=P_wlx)
+        gP.sum(sums, exact)
+        # this_scale = (sum_w*sum_xl - sum_x*sum_l)/D, D = sum_w*sum_l2 - sum_l*sum_l,
+        # this_min = (sum_l2*sum_x - sum_l*sum_xl)/D: three rows at a time (products of
+        # two floats commute exactly, so the operand order within a product is free).
+        sum_l2c.copy_(sum_l2)
+        torch.mul(lhs1, G[2:5], out=prod1)  # sum_w*sum_xl, sum_w*sum_l2, sum_x*sum_l2
+        torch.mul(sum_l, G[0:3], out=prod2)  # sum_l*sum_x, sum_l*sum_l, sum_l*sum_xl
+        prod1.sub_(prod2)
+        torch.div(prod1[0:3:2], D, out=scale_min)
+        torch.gt(this_min, 0.0, out=pos)
+        if exact or bool(pos.any()):
+            this_min.masked_fill_(pos, 0.0)
+            this_scale.copy_(torch.where(pos, sum_xl / sum_l2, this_scale))
+        error(this_scale, this_min, L, cur)
+        torch.gt(D, 0.0, out=acc)
+        acc &= torch.lt(cur, best, out=acc2)
+        # state = where(acc, new, state), as a bitwise select (torch.where is slow on CPU)
+        mask.copy_(acc).neg_()
+        torch.bitwise_xor(state_bits, new_bits, out=flip)
+        flip &= mask
+        state_bits ^= flip
+
+    zero = torch.zeros_like(mx)
+    scale = torch.where(early, zero, state[1])
+    l_iscale = torch.where(early, zero, state[2])
+    l_min = torch.where(early, zero, state[3])
+    # early-out: *the_min = -min with min the clamped block minimum (state[4] is mn0 there).
+    result = _QkxResult(scale, -mn, l_iscale, l_min, early)
+    if exact:
+        return result, torch.zeros(B, dtype=torch.bool)
+    # Fast-path validity: |iscale*(x - min)| stays well inside nearest_int's range and
+    # finite for every min the loop used; the bound is monotone in min, so mn_hi decides.
+    c_max = max(abs(c) for c in cs)
+    rng = mx - mn_hi
+    ok = (rng > 0) & ((mn_hi - xmin) * c_max <= rng * 1.0e6) & (mx - xmin < 3.0e38)
+    return result, ~ok & ~early
+
+
+def _qkx_levels(X: torch.Tensor, res: _QkxResult, nmax: int, qkx3: bool, exact: bool) -> torch.Tensor:
+    """The L that make_qkx*_quants leaves behind, recomputed from the winning (iscale, min)."""
+    v = (X - res.l_min) * res.l_iscale
+    if exact:
+        if qkx3:
+            return torch.where(v > 0, torch.round(torch.clamp(v, max=float(nmax))), torch.zeros_like(v))
+        return _nearest_int_bits(v).clamp_(0, nmax).to(_F32)
+    return v.round_().clamp_(0.0, float(nmax))
+
+
+def _make_qkx_all(X, W, xmin, xmax, sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3):
+    """_make_qkx on all blocks, redoing exactly the few blocks the fast path cannot vouch for.
+
+    Returns (scale, the_min, levels) where levels() computes the L [33, B] that ggml's
+    function leaves behind (needed only where the requantization skips a sub-block)."""
+    res, flagged = _make_qkx(X, W, xmin, xmax, sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
+    scale, the_min = res.scale, res.the_min
+    fix = None
+    if bool(flagged.any()):
+        idx = flagged.nonzero().flatten()
+        sub = [t[:, idx].contiguous() for t in (X, W)]
+        vec = [t[idx] for t in (xmin, xmax, sum_w, sum_x)]
+        res2, _ = _make_qkx(*sub, *vec, nmax, rmin, rdelta, nstep, qkx3, exact=True)
+        scale = scale.clone()
+        the_min = the_min.clone()
+        scale[idx] = res2.scale
+        the_min[idx] = res2.the_min
+        fix = (idx, sub[0], res2)
+
+    def levels() -> torch.Tensor:
+        L = _qkx_levels(X, res, nmax, qkx3, exact=False)
+        if fix is not None:
+            idx, xs, res2 = fix
+            L[:, idx] = _qkx_levels(xs, res2, nmax, qkx3, exact=True)
+        return L
+
+    return scale, the_min, levels
+
+
+# --------------------------------------------------------------------------------------------
+# make_qx_quants (rmse_type = 1): symmetric scale search, 19 candidate scales evaluated at once.
+# --------------------------------------------------------------------------------------------
+
+_QX_STEPS = [0] + [s for s in range(-9, 10) if s != 0]
+
+
+def _make_qx(X: torch.Tensor, W: torch.Tensor, nmax: int, gapped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw=W) on position-major blocks.
+
+    X, W: [16, B] (gapped=False) or [33, B] gapped 32-element blocks. Returns (scale [B],
+    L [rows, B] float holding the stored levels l + nmax, 0 for all-zero blocks).
+
+    The 19 candidate scales do not depend on each other, only the choice among them is
+    sequential (a running `best`), so each candidate is evaluated for all blocks at once."""
+    rows, B = X.shape
+    lo, hi = -float(nmax), float(nmax - 1)
+    # max: the element of largest magnitude, first one on ties (ggml: `if (ax > amax)`);
+    # torch.max(dim) returns the first maximal index.
+    data = _ungap33(X) if gapped else X
+    amax, arg = data.abs().max(dim=0)
+    xmax = data.gather(0, arg.unsqueeze(0)).squeeze(0)
+    zero_blk = amax < GROUP_MAX_EPS
+    safe_max = torch.where(zero_blk, torch.ones_like(xmax), xmax)
+
+    nmax32 = np.float32(nmax)
+    cs = torch.tensor([-(nmax32 + np.float32(0.1) * np.float32(s)) for s in _QX_STEPS], dtype=_F32)
+    isc = torch.div(cs.unsqueeze(1), safe_max.unsqueeze(0))  # [n_c, B]: iscale = -(nmax + 0.1f*is)/max
+
+    WX = W * X
+    V = torch.empty_like(X)  # levels l of the candidate
+    A = torch.empty_like(X)  # w*x*l
+    Bf = torch.empty_like(X)  # w*l, then w*l*l
+    if gapped:
+        gA, gB = _Gap33(A), _Gap33(Bf)
+
+        def seqsum(g, out):
+            return g.sum(out)
+    else:
+        gA, gB = A, Bf
+
+        def seqsum(g, out):
+            return _sum_rows(g, out)
+
+    sumlx = torch.empty(B, dtype=_F32)
+    suml2 = torch.empty(B, dtype=_F32)
+    # state rows: scale, best, iscale of the chosen levels; new: the candidate's values
+    state = torch.empty((3, B), dtype=_F32)
+    new = torch.empty((3, B), dtype=_F32)
+    scale, best, best_isc = state
+    state_bits, new_bits = state.view(torch.int32), new.view(torch.int32)
+    flip = torch.empty_like(state_bits)
+    mask = torch.empty(B, dtype=torch.int32)
+    t1, t2 = torch.empty_like(sumlx), torch.empty_like(sumlx)
+    acc = torch.empty(B, dtype=torch.bool)
+    acc2 = torch.empty(B, dtype=torch.bool)
+    for c in range(len(_QX_STEPS)):
+        torch.mul(X, isc[c], out=V)
+        V.round_().clamp_(lo, hi)
+        torch.mul(WX, V, out=A)
+        seqsum(gA, sumlx)
+        torch.mul(W, V, out=Bf)
+        Bf.mul_(V)
+        seqsum(gB, suml2)
+        if c == 0:  # scale = suml2 ? sumlx/suml2 : 0; best = scale*sumlx
+            torch.div(sumlx, suml2, out=scale)
+            scale.masked_fill_(suml2 == 0, 0.0)
+            torch.mul(scale, sumlx, out=best)
+            best_isc.copy_(isc[0])
+            continue
+        # if (suml2 > 0 && sumlx*sumlx > best*suml2) { scale = sumlx/suml2; best = scale*sumlx; }
+        torch.gt(suml2, 0.0, out=acc)
+        acc &= torch.gt(torch.mul(sumlx, sumlx, out=t1), torch.mul(best, suml2, out=t2), out=acc2)
+        torch.div(sumlx, suml2, out=new[0])
+        torch.mul(new[0], sumlx, out=new[1])
+        new[2].copy_(isc[c])
+        # state = where(acc, new, state), as a bitwise select
+        mask.copy_(acc).neg_()
+        torch.bitwise_xor(state_bits, new_bits, out=flip)
+        flip &= mask
+        state_bits ^= flip
+    scale = scale.masked_fill(zero_blk, 0.0)
+
+    L = torch.mul(X, best_isc, out=V).round_().clamp_(lo, hi).add_(float(nmax))
+    L.masked_fill_(zero_blk.unsqueeze(0), 0.0)
+    return scale, L
+
+
+# --------------------------------------------------------------------------------------------
+# make_qp_quants: 6-bit quantization of the 8 sub-block scales (or mins) of a super-block.
+# --------------------------------------------------------------------------------------------
+
+
+def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qp_quants(n, nmax, x, L, quant_weights=w) for x, w: [n, cols], n <= 16.
+
+    Returns (scale [cols], L int32 [n, cols] as stored in ggml's uint8_t L[])."""
+    n, cols = x.shape
+    fnmax = float(nmax)
+    exact_loop = False  # _sum_rows falls back to the loop for unsuitable shapes
+    # max = MAX(max, x[i]) from 0: it matters through `max < eps`, then as divisor.
+    mx = x.amax(0)
+    zero_blk = mx < GROUP_MAX_EPS
+    mx = torch.where(zero_blk, torch.ones_like(mx), mx)
+
+    def wsq_err(sc, l):  # sequential sum over i of w*diff*diff, diff = x - sc*l
+        diff = x - sc * l
+        return _sum_rows(w * diff * diff, exact_loop=exact_loop)
+
+    iscale = _div(fnmax, mx)
+    L0 = (_nearest_int_bits(iscale * x) & 0xFF).to(_F32)  # uint8_t L[i] = nearest_int(...)
+    best_mse = wsq_err(_div(1.0, iscale), L0)
+    for s in range(-4, 5):
+        if s == 0:
+            continue
+        c = float(np.float32(0.1) * np.float32(s) + np.float32(nmax))
+        iscale_is = _div(c, mx)
+        l = torch.clamp(_nearest_int_bits(iscale_is * x), max=nmax).to(_F32)
+        mse = wsq_err(_div(1.0, iscale_is), l)
+        better = mse < best_mse
+        best_mse = torch.where(better, mse, best_mse)
+        iscale = torch.where(better, iscale_is, iscale)
+
+    li = torch.clamp(_nearest_int_bits(iscale * x), max=nmax)
+    L = li & 0xFF
+    lf = li.to(_F32)
+    wl = w * lf
+    sumlx = _sum_rows(w * x * lf, exact_loop=exact_loop)
+    suml2 = _sum_rows(wl * lf, exact_loop=exact_loop)
+
+    # Coordinate refinement: each element in turn, the sums updated as it goes.
+    wx = w * x
+    Lf = L.to(_F32)
+    active = torch.ones_like(zero_blk)
+    for _ in range(5):
+        changed = torch.zeros_like(zero_blk)
+        for i in range(n):
+            Li, wi, xi = Lf[i], w[i], x[i]
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - wi * Li * Li
+            ok = (slx > 0) & (sl2 > 0) & active
+            new_l = torch.clamp(_nearest_int_bits(xi * sl2 / slx), max=nmax)
+            nf = new_l.to(_F32)
+            ok &= nf != Li
+            slx += wx[i] * nf
+            sl2 += wi * nf * nf
+            ok &= slx * slx * suml2 > sumlx * sumlx * sl2
+            if bool(ok.any()):
+                L[i] = torch.where(ok, new_l & 0xFF, L[i])
+                Lf[i] = L[i].to(_F32)
+                sumlx = torch.where(ok, slx, sumlx)
+                suml2 = torch.where(ok, sl2, suml2)
+                changed |= ok
+        active &= changed
+        if not bool(active.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    scale.masked_fill_(zero_blk, 0.0)
+    L.masked_fill_(zero_blk.unsqueeze(0), 0)
+    return scale, L
+
+
+# --------------------------------------------------------------------------------------------
+# Q4_K / Q5_K shared pieces: 6-bit scale packing and position-major super-block layout.
+# --------------------------------------------------------------------------------------------
+
+
+def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """ggml's 12-byte packing of 8 (scale, min) pairs; ls, lm: int32 [8, nsb] (uint8 values).
+
+    Returns int32 [12, nsb] byte values."""
+    q = torch.zeros((12,) + tuple(ls.shape[1:]), dtype=torch.int32)
+    q[0:4] = ls[0:4]
+    q[4:8] = lm[0:4]
+    q[8:12] = (ls[4:8] & 0xF) | ((lm[4:8] & 0xF) << 4)
+    q[0:4] |= (ls[4:8] >> 4) << 6
+    q[4:8] |= (lm[4:8] >> 4) << 6
+    return q & 0xFF
+
+
+def _unpack_scales_k4(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """get_scale_min_k4 for j = 0..7; q: int [12, n] -> (sc, m) int [8, n]."""
+    sc = torch.cat([q[0:4] & 63, (q[8:12] & 0xF) | ((q[0:4] >> 6) << 4)], dim=0)
+    m = torch.cat([q[4:8] & 63, (q[8:12] >> 4) | ((q[4:8] >> 6) << 4)], dim=0)
+    return sc, m
+
+
+def _superblocks_pos_major(x: torch.Tensor, sub: int, rows: int) -> torch.Tensor:
+    """x [nsb, 256] -> [rows, 256//sub, nsb] position-major; for sub == 32 gapped (rows 33/34)."""
+    nsb = x.shape[0]
+    t = x.view(nsb, QK_K // sub, sub).permute(2, 1, 0)  # [sub, nsub, nsb]
+    if sub == 16:
+        return t.contiguous()
+    return _gapped33(t, rows)
+
+
+def _fit_k32(
+    X34: torch.Tensor, qw34: torch.Tensor | None, nmax: int, ref: tuple[float, float, int], impl_params
+):
+    """Scale search of Q4_K/Q5_K. X34: [34, 8, nsb] gapped with a leading slot row.
+
+    Returns (scales [8, nsb], mins [8, nsb], levels (see _make_qkx_all), sw [8, nsb] or None).
+    Note: `_sum33` overwrites the scratch row of its argument, which holds no data."""
+    nsb = X34.shape[2]
+    B = 8 * nsb
+    X = X34[1:].view(33, B)
+    XT = X34[1:].view(33, 8, nsb)
+    xmin = torch.minimum(XT[:16].amin(0), XT[17:].amin(0)).view(B)
+    xmax = torch.maximum(XT[:16].amax(0), XT[17:].amax(0)).view(B)
+    if qw34 is None:
+        sq = X * X
+        sum_x2 = _sum33(sq)  # per sub-block
+        av_x = _sqrt(sum_x2 / 32)
+        W = X.abs().add_(av_x)
+        sw = None
+        rmin, rdelta, nstep = ref
+        qkx3 = False
+    else:
+        # sigma2 = 2*sum_x2/QK_K over the whole super-block, accumulated sequentially.
+        sq = X34 * X34  # [34, 8, nsb]
+        s = torch.zeros(nsb, dtype=_F32)
+        for j in range(8):
+            sq[0, j] = s
+            _sum_rows(sq[0:17, j], sq[17, j])
+            s = _sum_rows(sq[17:34, j])
+        sigma2 = (2 * s) / QK_K
+        Xs = X * X
+        Xs.add_(sigma2.repeat(8))
+        W = qw34[1:].view(33, B) * _sqrt(Xs)
+        sw = _sum33(W).view(8, nsb)
+        rmin, rdelta, nstep = impl_params
+        qkx3 = True
+    sum_w = sw.view(B) if sw is not None else _sum33(W)
+    sum_x = _sum33(W * X)
+    scales, the_min, levels = _make_qkx_all(X, W, xmin, xmax, sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
+    return scales.view(8, nsb), the_min.view(8, nsb), levels, sw
+
+
+def _nearest_int_clamped(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """MAX(lo, MIN(hi, nearest_int(v))) as float, in place on v where that is exact."""
+    lo_v, hi_v = torch.aminmax(v)
+    if bool((hi_v <= NEAREST_INT_LIMIT) & (lo_v >= -NEAREST_INT_LIMIT)):  # also False for NaN
+        return v.round_().clamp_(float(lo), float(hi))
+    return _nearest_int_bits(v).clamp_(lo, hi).to(_F32)
+
+
+def _requant_k32(X: torch.Tensor, levels, d: torch.Tensor, dmin: torch.Tensor, sc, m, nmax: int):
+    """Final levels of Q4_K/Q5_K from the stored fp16 d/dmin and 6-bit sc/m.
+
+    Sub-blocks whose d*sc is 0 keep the levels of the scale search (ggml's `continue`)."""
+    dj = (_fp16_round(d).unsqueeze(0) * sc.to(_F32)).view(-1)  # [B]
+    dmj = (_fp16_round(dmin).unsqueeze(0) * m.to(_F32)).view(-1)
+    v = X + dmj
+    v.div_(dj)
+    skip = dj == 0
+    if bool(skip.any()):
+        v.masked_fill_(skip.unsqueeze(0), 0.0)
+        return torch.where(skip.unsqueeze(0), levels(), _nearest_int_clamped(v, 0, nmax))
+    return _nearest_int_clamped(v, 0, nmax)
+
+
+def _encode_k32(x: torch.Tensor, qw: torch.Tensor | None, five_bit: bool) -> torch.Tensor:
+    """Q4_K (five_bit=False) or Q5_K super-blocks: x, qw [nsb, 256] -> uint8 [nsb, 144|176]."""
+    nsb = x.shape[0]
+    nmax = 31 if five_bit else 15
+    X34 = _superblocks_pos_major(x, 32, 34)
+    qw34 = None if qw is None else _superblocks_pos_major(qw, 32, 34)
+    if five_bit:
+        ref = (-0.5, 0.1, 15)
+    else:
+        ref = (-1.0, 0.1, 20)
+    scales, mins, levels, sw = _fit_k32(X34, qw34, nmax, ref, (-0.9, 0.05, 36))
+
+    if qw is None:
+        zero = torch.zeros(nsb, dtype=_F32)
+        max_scale = scales.amax(0)
+        max_scale = torch.where(max_scale > 0, max_scale, zero)
+        max_min = mins.amax(0)
+        max_min = torch.where(max_min > 0, max_min, zero)
+        inv_scale = torch.where(max_scale > 0, _div(63.0, max_scale), zero)
+        inv_min = torch.where(max_min > 0, _div(63.0, max_min), zero)
+        ls = torch.clamp(_nearest_int_bits(inv_scale * scales) & 0xFF, max=63)
+        lm = torch.clamp(_nearest_int_bits(inv_min * mins) & 0xFF, max=63)
+        d = max_scale / 63
+        dmin = max_min / 63
+    else:
+        # make_qp_quants on the scales and on the mins, both at once.
+        dd, ll = _make_qp(torch.cat([scales, mins], dim=1), torch.cat([sw, sw], dim=1), 63)
+        d, dmin = dd[:nsb], dd[nsb:]
+        ls, lm = ll[:, :nsb], ll[:, nsb:]
+        if five_bit:
+            ls = torch.clamp(ls, max=63)
+            lm = torch.clamp(lm, max=63)
+    q = _pack_scales_k4(ls, lm)
+    sc, m = _unpack_scales_k4(q)
+    X = X34[1:].view(33, -1)
+    L = _requant_k32(X, levels, d, dmin, sc, m, nmax)
+
+    Lb = _ungap33(L).to(torch.uint8).view(32, 4, 2, nsb)  # [l, pair, half, nsb]
+    if five_bit:
+        qs = (Lb[:, :, 0] & 0xF) | ((Lb[:, :, 1] & 0xF) << 4)  # [32, 4, nsb]
+        hb = (Lb >> 4).view(32, 8, nsb).to(torch.int32)
+        qh = torch.zeros((32, nsb), dtype=torch.int32)
+        for j in range(8):
+            qh |= hb[:, j] << j
+        parts = [qh.to(torch.uint8).permute(1, 0), qs.permute(2, 1, 0).reshape(nsb, 128)]
+    else:
+        qs = Lb[:, :, 0] | (Lb[:, :, 1] << 4)
+        parts = [qs.permute(2, 1, 0).reshape(nsb, 128)]
+    head = [fp16_bytes(d), fp16_bytes(dmin), q.to(torch.uint8).permute(1, 0)]
+    return torch.cat(head + parts, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Q6_K
+# --------------------------------------------------------------------------------------------
+
+
+def _encode_q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    nsb = x.shape[0]
+    X3 = _superblocks_pos_major(x, 16, 16)  # [16, 16, nsb]
+    X = X3.view(16, -1)
+    if qw is None:
+        W = X * X
+    else:
+        W = _superblocks_pos_major(qw, 16, 16).view(16, -1)
+    scales, L = _make_qx(X, W, 32, gapped=False)
+    scales = scales.view(16, nsb)
+    amax, arg = scales.abs().max(dim=0)
+    max_scale = scales.gather(0, arg.unsqueeze(0)).squeeze(0)
+    zero_sb = amax < GROUP_MAX_EPS
+    max_scale = torch.where(zero_sb, torch.ones_like(max_scale), max_scale)
+    iscale = _div(-128.0, max_scale)
+    d = _div(1.0, iscale)
+    sc = torch.clamp(_nearest_int_bits(iscale * scales), max=127)  # [16, nsb]
+    dj = (_fp16_round(d).unsqueeze(0) * sc.to(_F32)).view(-1)
+    skip = dj == 0  # ggml: `if (!d) continue;` keeps make_qx_quants' levels
+    v = X / dj
+    if bool(skip.any()):
+        v.masked_fill_(skip.unsqueeze(0), 0.0)
+        L = torch.where(skip.unsqueeze(0), L, _nearest_int_clamped(v, -32, 31).add_(32.0))
+    else:
+        L = _nearest_int_clamped(v, -32, 31).add_(32.0)
+
+    Lb = L.view(16, 16, nsb).permute(1, 0, 2).reshape(2, 4, 32, nsb).to(torch.uint8)  # [half, quarter, l, nsb]
+    lo = Lb & 0xF
+    ql = torch.cat([lo[:, 0] | (lo[:, 2] << 4), lo[:, 1] | (lo[:, 3] << 4)], dim=1)  # [2, 64, nsb]
+    hi = Lb >> 4
+    qh = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)  # [2, 32, nsb]
+    out = torch.cat(
+        [
+            ql.reshape(128, nsb).permute(1, 0),
+            qh.reshape(64, nsb).permute(1, 0),
+            sc.to(torch.int8).view(torch.uint8).permute(1, 0),
+            fp16_bytes(d),
+        ],
+        dim=1,
+    )
+    if bool(zero_sb.any()):  # ggml memsets an all-zero super-block
+        out.masked_fill_(zero_sb.unsqueeze(1), 0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Q4_0
+# --------------------------------------------------------------------------------------------
+
+
+def _pack_q4_0(d: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """d [n] float32, L [n, 32] integer levels 0..15 -> uint8 [n, 18]."""
+    Lb = L.to(torch.uint8)
+    qs = Lb[:, :16] | (Lb[:, 16:] << 4)
+    return torch.cat([fp16_bytes(d), qs], dim=1)
+
+
+def _encode_q4_0_ref(blocks: torch.Tensor) -> torch.Tensor:
+    amax, arg = blocks.abs().max(dim=1)
+    mx = blocks.gather(1, arg.unsqueeze(1)).squeeze(1)
+    mx = torch.where(amax > 0, mx, torch.zeros_like(mx))  # ggml keeps max = 0.0f unless |v| > 0
+    d = mx / -8
+    idv = torch.where(d != 0, _div(1.0, d), torch.zeros_like(d))
+    x0 = blocks * idv.unsqueeze(1)
+    L = torch.clamp(torch.trunc(x0 + 8.5), max=15.0)  # MIN(15, (int8_t)(x0 + 8.5f))
+    return _pack_q4_0(d, L)
+
+
+def _encode_q4_0_impl(X34: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """X34: [34, B] gapped blocks; qw: [34, B] importance; sigma2: [B] -> uint8 [B, 18]."""
+    X = X34[1:]
+    Xs = X * X
+    Xs.add_(sigma2)
+    W = qw[1:] * _sqrt(Xs)
+    d, L = _make_qx(X, W, 8, gapped=True)
+    return _pack_q4_0(d, _ungap33(L).permute(1, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------
+
+
+def _chunks(n: int, step: int):
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+class _KQuant(GGMLType):
+    """Super-block types of QK_K = 256 weights."""
+
+    block_size = QK_K
+    uses_imatrix = True
+
+    @classmethod
+    def _encode(cls, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # Weights per inner chunk and thread (see INNER_CHUNK_WEIGHTS).
+    inner_chunk_weights: int = INNER_CHUNK_WEIGHTS
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        blocks = _cpu32(blocks).reshape(-1, QK_K)
+        if weights is None:
+            return cls._encode_chunks(blocks, None)
+        weights = _cpu32(weights).reshape(-1, QK_K)
+        return cls._encode_chunks(blocks, lambda a, b: weights[a:b])
+
+    @classmethod
+    def quantize_rows(cls, rows, imatrix=None):
+        m, k = rows.shape
+        if not cls.can_encode(k):
+            raise ValueError(f"{cls.__name__}: row length {k} is not a multiple of {cls.block_size}")
+        blocks = _cpu32(rows).reshape(-1, QK_K)
+        if imatrix is None:
+            return cls._encode_chunks(blocks, None).reshape(m, -1)
+        # Super-block i of the chunk uses imatrix[(i % per_row)*256 : ...+256].
+        per_row = k // QK_K
+        qw_rows = _cpu32(imatrix).reshape(per_row, QK_K)
+
+        def weights(a: int, b: int) -> torch.Tensor:
+            return qw_rows[torch.arange(a, b) % per_row]
+
+        return cls._encode_chunks(blocks, weights).reshape(m, -1)
+
+    @classmethod
+    def _encode_chunks(cls, blocks: torch.Tensor, weights) -> torch.Tensor:
+        """Encode [n, 256] super-blocks in inner chunks; weights(a, b) gives their importance."""
+        n = blocks.shape[0]
+        out = torch.empty((n, cls.type_size), dtype=torch.uint8)
+        threads = max(1, torch.get_num_threads())
+        big = _col_align()
+        step = max(big, cls.inner_chunk_weights * threads // QK_K // big * big)
+        for a, b in _chunks(n, step):
+            nb = b - a
+            # Pad to whole vector groups of columns so that the sums stay on torch's fast path.
+            npad = _round_up(nb, _VEC_COLS if nb < big else big)
+            x = blocks[a:b]
+            qw = None if weights is None else weights(a, b)
+            if npad != nb:
+                x = torch.cat([x, x.new_zeros(npad - nb, QK_K)])
+                if qw is not None:
+                    qw = torch.cat([qw, qw.new_zeros(npad - nb, QK_K)])
+            out[a:b] = cls._encode(x.contiguous(), None if qw is None else qw.contiguous())[:nb]
+        return out
+
+
+class Q4_K(_KQuant):
+    """144 bytes per 256 weights: fp16 d, dmin; 8 6-bit (scale, min); 256 4-bit levels."""
+
+    qtype = GGMLQuantizationType.Q4_K
+    type_size = 144
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_k32(x, qw, five_bit=False)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        d = fp16_from_bytes(blocks[:, 0:2])
+        dmin = fp16_from_bytes(blocks[:, 2:4])
+        sc, m = _unpack_scales_k4(blocks[:, 4:16].to(torch.int32).permute(1, 0))
+        dl = (d * sc.permute(1, 0).to(_F32)).unsqueeze(-1)  # [n, 8, 1]
+        ml = (dmin * m.permute(1, 0).to(_F32)).unsqueeze(-1)
+        qs = blocks[:, 16:].reshape(n, 4, 1, 32)
+        q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).to(_F32)
+        return (dl * q - ml).reshape(n, QK_K)
+
+
+class Q5_K(_KQuant):
+    """176 bytes per 256 weights: as Q4_K plus a fifth bit per weight in qh."""
+
+    qtype = GGMLQuantizationType.Q5_K
+    type_size = 176
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_k32(x, qw, five_bit=True)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        d = fp16_from_bytes(blocks[:, 0:2])
+        dmin = fp16_from_bytes(blocks[:, 2:4])
+        sc, m = _unpack_scales_k4(blocks[:, 4:16].to(torch.int32).permute(1, 0))
+        dl = (d * sc.permute(1, 0).to(_F32)).unsqueeze(-1)
+        ml = (dmin * m.permute(1, 0).to(_F32)).unsqueeze(-1)
+        qh = blocks[:, 16:48].reshape(n, 1, 32)
+        qs = blocks[:, 48:].reshape(n, 4, 1, 32)
+        lo = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32)
+        shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(1, 8, 1)
+        hi = (qh >> shifts) & 1
+        q = (lo | (hi << 4)).to(_F32)
+        return (dl * q - ml).reshape(n, QK_K)
+
+
+class Q6_K(_KQuant):
+    """210 bytes per 256 weights: 6-bit levels (ql, qh), 16 int8 scales, fp16 d."""
+
+    qtype = GGMLQuantizationType.Q6_K
+    type_size = 210
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_q6_k(x, qw)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        ql = blocks[:, 0:128].reshape(n, 2, 1, 64)
+        qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
+        sc = blocks[:, 192:208].contiguous().view(torch.int8).to(_F32)
+        d = fp16_from_bytes(blocks[:, 208:210])
+        dl = (d * sc).reshape(n, 16, 1)
+        lo = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(n, 2, 4, 32)
+        shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
+        hi = (qh >> shifts) & 3  # [n, 2, 4, 32]
+        q = ((lo | (hi << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(_F32)
+        return (dl * q).reshape(n, QK_K)
+
+
+class Q4_0(GGMLType):
+    """18 bytes per 32 weights: fp16 d, 32 4-bit levels (x = d * (q - 8))."""
+
+    qtype = GGMLQuantizationType.Q4_0
+    block_size = 32
+    type_size = 18
+    uses_imatrix = True
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        """Without weights: quantize_row_q4_0_ref. With weights [n, 32]: each block is treated
+        as a row of its own (ggml's sigma2 is a per-row quantity; see quantize_rows)."""
+        blocks = _cpu32(blocks).reshape(-1, 32)
+        if weights is None:
+            return _encode_q4_0_ref(blocks)
+        return cls._impl_rows(blocks, _cpu32(weights).reshape(-1, 32))
+
+    @classmethod
+    def quantize_rows(cls, rows, imatrix=None):
+        m, k = rows.shape
+        if not cls.can_encode(k):
+            raise ValueError(f"{cls.__name__}: row length {k} is not a multiple of {cls.block_size}")
+        rows = _cpu32(rows)
+        if imatrix is None:
+            return _encode_q4_0_ref(rows.reshape(-1, 32)).reshape(m, -1)
+        qw = _cpu32(imatrix).reshape(1, k).expand(m, k)
+        return cls._impl_rows(rows, qw)
+
+    @classmethod
+    def _impl_rows(cls, rows: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        """quantize_row_q4_0_impl on each row of rows [m, k] with importance qw [m, k]."""
+        m, k = rows.shape
+        nb = k // 32
+        out = torch.empty((m, nb * 18), dtype=torch.uint8)
+        big = _col_align()
+        rows_step = max(big, _round_up(max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k), big))
+        for a, b in _chunks(m, rows_step):
+            mr = b - a
+            mp = _round_up(mr, _VEC_COLS if mr < big else big)
+            x = rows[a:b]
+            w = qw[a:b]
+            if mp != mr:
+                x = torch.cat([x, x.new_zeros(mp - mr, k)])
+                w = torch.cat([w, w.new_zeros(mp - mr, k)])
+            # [34, nb, mp]: position, block in row, row.
+            X34 = _gapped33(x.reshape(mp, nb, 32).permute(2, 1, 0), 34)
+            # sigma2 = sum_x2 / n_per_row, sum_x2 accumulated over the whole row in order.
+            sq = X34 * X34
+            s = torch.zeros(mp, dtype=_F32)
+            for j in range(nb):
+                sq[0, j] = s
+                _sum_rows(sq[0:17, j], sq[17, j])
+                s = _sum_rows(sq[17:34, j])
+            sigma2 = s / float(k)
+            W34 = _gapped33(w.reshape(mp, nb, 32).permute(2, 1, 0), 34)
+            res = torch.empty((nb, mp, 18), dtype=torch.uint8)
+            bstep = max(1, INNER_CHUNK_WEIGHTS // 32 // mp)
+            for j0, j1 in _chunks(nb, bstep):
+                Xc = X34[:, j0:j1].reshape(34, -1)
+                Wc = W34[:, j0:j1].reshape(34, -1)
+                s2 = sigma2.repeat(j1 - j0)
+                res[j0:j1] = _encode_q4_0_impl(Xc, Wc, s2).view(j1 - j0, mp, 18)
+            out[a:b] = res.permute(1, 0, 2).reshape(mp, nb * 18)[:mr]
+        return out
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        d = fp16_from_bytes(blocks[:, :2])
+        qs = blocks[:, 2:].reshape(n, 1, 16)
+        q = torch.cat([qs & 0xF, qs >> 4], dim=1).reshape(n, 32).to(torch.int8) - 8
+        return d * q.to(_F32)
