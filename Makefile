@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-q8 bench-kquants clean
+.PHONY: demo test bench bench-q8 bench-q4k bench-nf4 bench-kquants bench-runtime bench-int8 clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -18,13 +18,27 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: bench-q8 bench-kquants
+# Benchmarks (not part of the tests): whole-process conversion of a full-width 2-block
+# synthetic checkpoint, encoder throughput, runtime load/step times, INT8 recipe errors.
+bench: bench-q8 bench-q4k bench-nf4 bench-kquants bench-runtime bench-int8
 
 bench-q8: $(STAMP)
 	$(PY) bench/bench_convert.py --format q8_0
 
+bench-q4k: $(STAMP)
+	$(PY) bench/bench_convert.py --format q4_k
+
+bench-nf4: $(STAMP)
+	$(PY) bench/bench_convert.py --format nf4
+
 bench-kquants: $(STAMP)
-	$(PY) bench/bench_kquants.py
+	$(PY) bench/bench_kquants.py --repeat 2
+
+bench-runtime: $(STAMP)
+	$(PY) bench/bench_runtime.py --steps 30
+
+bench-int8: $(STAMP)
+	$(PY) bench/int8_errors.py --layers 17 --threads 1 --out bench_out/int8_errors
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

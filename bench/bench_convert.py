@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -36,8 +37,9 @@ def main() -> None:
     source = open_source(src)
     weights = sum(bs.total_weights for bs in source.branches.values())
     out = args.work / f"out-{args.format}"
+    shutil.rmtree(out, ignore_errors=True)  # deleting old multi-GB outputs is not conversion time
     cmd = [sys.executable, "-m", "ideoquant.cli", "convert", str(src), "--format", args.format,
-           "--out", str(out), "--overwrite", "--quiet", *args.extra]
+           "--out", str(out), "--quiet", *args.extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

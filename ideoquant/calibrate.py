@@ -398,10 +398,8 @@ def _read_fp8(bs: BranchSource, canonical: str) -> tuple[torch.Tensor, torch.Ten
         return None
     weights, scales = [], []
     for n in names:
-        stored = bs.stored[n]
-        w = stored.file.read(stored.name)
-        scale_entry = bs.stored[n[: -len(".weight")] + ".weight_scale"]
-        s = scale_entry.file.read(scale_entry.name).to(torch.float32).reshape(-1)
+        w, s = bs.read_stored(n)
+        s = s.reshape(-1)
         weights.append(w.view(torch.uint8))
         scales.append(s.expand(w.shape[0]) if s.numel() == 1 else s)
     return torch.cat(weights).view(torch.float8_e4m3fn), torch.cat(scales)

@@ -28,6 +28,9 @@ def _setup_logging(quiet: bool = False) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+    # diffusers imports bitsandbytes when installed; its CPU backend warns about an optional
+    # kernel package on import, which says nothing about this tool's work.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def one_line_errors(func):
@@ -211,6 +214,7 @@ def demo(out: Path, formats: str | None) -> None:
     from .demo import DEMO_FORMATS, run_demo
 
     _setup_logging(quiet=True)
+    log.setLevel(logging.ERROR)  # a synthetic source has no card or base model to warn about
     chosen = tuple(f.strip() for f in formats.split(",")) if formats else DEMO_FORMATS
     click.echo(run_demo(out, chosen))
 

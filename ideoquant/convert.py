@@ -8,6 +8,7 @@ leaves no finished-looking output behind.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,9 @@ def convert(src: str, options: ConvertOptions, on_branch_done: Callable[[BranchR
     source = open_source(src, options.branches)
     outputs = OutputSet(overwrite=options.overwrite)
     results: list[BranchResult] = []
+    # Hash the sources in the background: the second branch's checksum is ready by the
+    # time its header is written (hashing releases the GIL).
+    threading.Thread(target=lambda: [bs.checksum() for bs in source.branches.values()], daemon=True).start()
     try:
         for branch, bs in source.branches.items():
             t0 = time.perf_counter()
