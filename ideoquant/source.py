@@ -12,11 +12,9 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import re
 import struct
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator

@@ -137,3 +137,35 @@ def test_k_quant_policy_falls_back_for_short_rows():
     mixed = {c.name: c for c in gguf_tensor_types(TINY, "q4_k_m")}
     assert mixed["layers.1.feed_forward.w2.weight"].qtype == QT.Q5_K
     assert mixed["layers.1.feed_forward.w1.weight"].qtype == QT.Q4_K
+
+
+def test_importance_matrix_paths(tiny_fp8, tmp_path):
+    """--imatrix ones is stable-diffusion.cpp's encoding, --imatrix STATS uses E[x^2] per
+    input channel, and a linear without statistics (the uncond llm_cond_proj) falls back
+    to the plain path; every tensor's bytes equal the encoder's for the same weights."""
+    from ideoquant.calibrate import calibrate, load_importance
+
+    stats = tmp_path / "stats.safetensors"
+    calibrate(tiny_fp8, stats, synthetic=True, steps=2, resolution=64, synthetic_inputs=2, text_tokens=8,
+              max_samples=32, quiet=True)
+    q4k = ggml_type("Q4_K")
+    source = open_source(tiny_fp8)
+    for imatrix in ("ones", str(stats)):
+        out = tmp_path / imatrix.replace("/", "_")
+        convert(str(tiny_fp8), ConvertOptions(fmt="q4_k", out=out, imatrix=imatrix, quiet=True))
+        for branch, fname in [("transformer", "ideogram4-Q4_K.gguf"), ("unconditional_transformer", "ideogram4-uncond-Q4_K.gguf")]:
+            reader = GGUFReader(out / fname)
+            assert reader.get_field("ideoquant.imatrix").contents() == imatrix
+            bs = source.branches[branch]
+            for name in ("layers.0.feed_forward.w2.weight", "llm_cond_proj.weight"):
+                t = next(t for t in reader.tensors if t.name == name)
+                w = bs.read_float32(name)
+                module = name.rsplit(".", 1)[0]
+                weights = torch.ones(w.shape[1]) if imatrix == "ones" else load_importance(stats, module, branch)
+                if branch == "unconditional_transformer" and name.startswith("llm_cond") and imatrix != "ones":
+                    assert weights is None
+                expected = q4k.quantize_rows(w, weights).numpy()
+                assert np.array_equal(np.asarray(t.data).reshape(expected.shape), expected), (imatrix, branch, name)
+    plain = q4k.quantize_rows(source.branches["transformer"].read_float32("layers.0.feed_forward.w2.weight")).numpy()
+    imat = load_importance(stats, "layers.0.feed_forward.w2", "transformer")
+    assert not np.array_equal(plain, q4k.quantize_rows(source.branches["transformer"].read_float32("layers.0.feed_forward.w2.weight"), imat).numpy())

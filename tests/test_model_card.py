@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 
 from ideoquant.convert import ConvertOptions, convert

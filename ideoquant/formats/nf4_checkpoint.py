@@ -427,54 +427,6 @@ def _stream(
             progress.advance(bs.stored_nbytes(spec_name))
 
 
-def group_shards(groups: list[list[PlannedTensor]], max_shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Consecutive shards of at most `max_shard_bytes` that never split a group (one group may exceed it).
-
-    diffusers loads a sharded bitsandbytes checkpoint shard by shard, and a packed weight
-    whose quant-state tensors lie in another shard fails to load.
-    """
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for group in groups:
-        nbytes = sum(t.nbytes for t in group)
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].extend(group)
-        size += nbytes
-    return shards
-
-
-def write_shards(
-    outputs: OutputSet,
-    folder: Path,
-    shards: list[list[PlannedTensor]],
-    tensors: Iterator[tuple[str, torch.Tensor]],
-    metadata: dict[str, str],
-    stem: str = "diffusion_pytorch_model",
-) -> tuple[list[Path], Path | None]:
-    """Write the shards in turn from one tensor stream, then the index when there are several; (paths, index)."""
-    n = len(shards)
-    stems = [stem] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}" for i in range(n)]
-    # One single-file output per shard, so that the split is ours (by group) and not per tensor.
-    writers = [
-        ShardedSafetensorsOutput(outputs, folder, shard, metadata=metadata, stem=s, max_shard_bytes=sum(t.nbytes for t in shard) + 1)
-        for shard, s in zip(shards, stems)
-    ]
-    for writer in writers:
-        writer.write_all(tensors)
-    if next(tensors, None) is not None:
-        raise IdeoquantError(f"{folder}: more tensors than planned")
-    paths = [w.paths[0] for w in writers]
-    if n == 1:
-        return paths, None
-    index_path = folder / f"{stem}.safetensors.index.json"
-    weight_map = {t.name: p.name for shard, p in zip(shards, paths) for t in shard}
-    index = {"metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard)}, "weight_map": weight_map}
-    outputs.write_text(index_path, json.dumps(index, indent=2) + "\n")
-    return paths, index_path
-
-
 def verify_folder(paths: list[Path], index_path: Path | None, plan: list[PlannedTensor], digests: dict[str, str]) -> None:
     """Reopen the written files: every planned tensor present once with its dtype, shape and bytes; the index complete."""
     planned = {p.name: p for p in plan}
@@ -535,10 +487,11 @@ def write_nf4_folder(
         "layout": options.layout,
     }
     meta = {"format": "pt", **(metadata or {}), RECIPE_METADATA_KEY: json.dumps(recipe, sort_keys=True)}
-    shards = group_shards([by_part[p.name] for p in parts], options.max_shard_bytes)
     written = _Written(reports=[], digests={})
     tensors = _stream(bs, parts, by_part, compute_dtype, offsets, kept_notes(bs.dims, kept, options), progress, written)
-    paths, index_path = write_shards(outputs, folder, shards, tensors, meta)
+    writer = ShardedSafetensorsOutput(outputs, folder, plan, metadata=meta, max_shard_bytes=options.max_shard_bytes)
+    writer.write_all(tensors)
+    paths, index_path = writer.paths, writer.index_path
     config_path = folder / "config.json"
     config = branch_config(bs, skip, options.double_quant, options.compute_dtype)
     outputs.write_text(config_path, json.dumps(config, indent=2) + "\n")

@@ -82,12 +82,21 @@ class SafetensorsWriter:
         return self.next == len(self.plan)
 
 
+def weight_group(name: str) -> str:
+    """The weight a tensor belongs with: `x.weight` for `x.weight_scale` or `x.weight.absmax`."""
+    cut = name.find(".weight")
+    return name[: cut + len(".weight")] if cut >= 0 else name
+
+
 def shard_plan(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Split a plan into consecutive shards of at most `max_shard_bytes` (one tensor may exceed it)."""
+    """Split a plan into consecutive shards of at most `max_shard_bytes` (one tensor group may
+    exceed it). A weight and its companions (scales, quant state) never straddle shards:
+    diffusers loads quantized checkpoints shard by shard."""
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for t in plan:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
+        same_group = bool(shards[-1]) and weight_group(shards[-1][-1].name) == weight_group(t.name)
+        if shards[-1] and not same_group and size + t.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(t)
@@ -136,6 +145,8 @@ class ShardedSafetensorsOutput:
                     except StopIteration:
                         raise IdeoquantError(f"{path}: ran out of tensors before {shard[writer.next].name}") from None
                     writer.write(name, tensor)
+        if next(it, None) is not None:
+            raise IdeoquantError(f"{self.folder}: more tensors than planned")
         if self.index_path is not None:
             weight_map = {t.name: p.name for shard, p in zip(self.shards, self.paths) for t in shard}
             total = sum(t.nbytes for shard in self.shards for t in shard)
