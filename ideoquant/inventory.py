@@ -206,6 +206,6 @@ def to_canonical_name(name: str) -> tuple[str, int | None]:
     return name, None
 
 
-def diffusers_module_name(canonical_module: str) -> list[str]:
-    """Module paths in diffusers for a canonical linear module path."""
-    return [n.rsplit(".", 1)[0] for n in to_layout_names(canonical_module + ".weight", "diffusers")]
+def layout_modules(canonical_module: str, layout: Layout) -> list[str]:
+    """A canonical linear module's path(s) in a layout (qkv is three modules in diffusers)."""
+    return [n[: -len(".weight")] for n in to_layout_names(canonical_module + ".weight", layout)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 
-from .inventory import ModelDims, TensorSpec, expected_tensors, to_layout_names
+from .inventory import ModelDims, TensorSpec, expected_tensors, layout_modules
 
 GGUF_FORMATS: dict[str, QT] = {
     "f32": QT.F32,
@@ -115,7 +115,7 @@ def one_row_linears(dims: ModelDims) -> list[str]:
 
 def matches_patterns(module: str, patterns: list[str]) -> bool:
     """Whether a canonical module path, or any of its diffusers names, matches a glob."""
-    names = [module] + [n.rsplit(".", 1)[0] for n in to_layout_names(module + ".weight", "diffusers")]
+    names = [module] + layout_modules(module, "diffusers")
     return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 

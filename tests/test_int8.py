@@ -13,7 +13,8 @@ from ideoquant.calibrate import calibrate, load_source_transformer, load_statist
 from ideoquant.convert import ConvertOptions, Progress
 from ideoquant.errors import IdeoquantError
 from ideoquant.recipe import one_row_linears
-from ideoquant.formats.int8 import RECIPE_METADATA_KEY, layout_modules, write_int8_branch, write_int8_folder
+from ideoquant.formats.int8 import RECIPE_METADATA_KEY, write_int8_branch, write_int8_folder
+from ideoquant.inventory import layout_modules
 from ideoquant.runtime.int8 import (
     Int8Linear,
     _int_mm_fallback,

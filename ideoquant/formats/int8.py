@@ -19,7 +19,7 @@ import torch
 from ..calibrate import CalibrationStatistics, load_statistics, residual_gains
 from ..convert import BranchResult, ConvertOptions, Progress, TensorReport, common_metadata
 from ..errors import IdeoquantError
-from ..inventory import ModelDims, TensorSpec, expected_tensors, to_layout_names
+from ..inventory import ModelDims, TensorSpec, expected_tensors, layout_modules, to_layout_names
 from ..runtime.int8 import dequantize_weight, quantize_weight_per_channel
 from ..smoothing import Int8Recipe, Int8Settings, plan_int8
 from ..source import BranchSource, SafetensorsFile, Source
@@ -54,11 +54,6 @@ def quantization_config(ignore: list[str]) -> dict:
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
-
-
-def layout_modules(module: str, layout: str) -> list[str]:
-    """A canonical linear module's path(s) in a layout (qkv is three modules in diffusers)."""
-    return [n[: -len(".weight")] for n in to_layout_names(module + ".weight", layout)]
 
 
 def branch_config(bs: BranchSource, recipe: Int8Recipe, layout: str) -> dict:

@@ -27,7 +27,7 @@ import torch
 
 from ..convert import BranchResult, ConvertOptions, Progress, TensorReport, common_metadata
 from ..errors import IdeoquantError
-from ..inventory import ModelDims, TensorSpec, expected_tensors, to_layout_names
+from ..inventory import ModelDims, TensorSpec, expected_tensors, layout_modules, to_layout_names
 from ..recipe import kept_linears, one_row_linears
 from ..source import BranchSource, SafetensorsFile, Source
 from ..writers.files import OutputSet, ensure_free_space
@@ -75,11 +75,6 @@ def quantization_config(skip_modules: list[str], double_quant: bool, compute_dty
         "load_in_4bit": True,
         "load_in_8bit": False,
     }
-
-
-def layout_modules(module: str, layout: str) -> list[str]:
-    """A canonical linear module's path(s) in a layout (qkv is three modules in diffusers)."""
-    return [n[: -len(".weight")] for n in to_layout_names(module + ".weight", layout)]
 
 
 def _diffusers_version() -> str:

@@ -26,8 +26,8 @@ from ..inventory import (
     ModelDims,
     TensorSpec,
     detect_layout,
-    diffusers_module_name,
     expected_tensors,
+    layout_modules,
     to_layout_names,
 )
 
@@ -317,7 +317,7 @@ def linear_slots(dims: ModelDims) -> list[LinearSlot]:
         if spec.kind != "linear":
             continue
         bias = spec.module + ".bias"
-        slots.append(LinearSlot(spec, bias if bias in names else None, diffusers_module_name(spec.module)))
+        slots.append(LinearSlot(spec, bias if bias in names else None, layout_modules(spec.module, "diffusers")))
     return slots
 
 
