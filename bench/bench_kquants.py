@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ideoquant.formats.ggml import ggml_type  # noqa: E402
+from ideoquant.formats.ggml_kquants import fused_search_available  # noqa: E402
 
 
 def realistic_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -50,7 +51,8 @@ def main() -> None:
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     tensors = {s: realistic_weight(*s, seed=i) for i, s in enumerate(shapes)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    fused = fused_search_available()  # compiles the kernel here, outside the timings
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compiled Q4_K/Q5_K kernel: {'on' if fused else 'off'}")
     print(f"{'type':6s} {'path':8s} {'shape':>12s} {'seconds':>9s} {'M weights/s':>12s}")
     for name in args.types.split(","):
         cls = ggml_type(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from ideoquant.formats import ggml_kquants as kq
+from ideoquant.formats import kquant_fused
 from ideoquant.formats.ggml import GGMLType, ggml_type
 
 DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
@@ -250,3 +252,81 @@ def test_decoder_is_device_generic(qtype):
     cls = ggml_type(qtype)
     y = cls.dequantize_rows(torch.empty(3, 2 * cls.type_size, dtype=torch.uint8, device="meta"))
     assert y.device.type == "meta" and y.shape == (3, 2 * cls.block_size) and y.dtype == torch.float32
+
+
+# --- the compiled scale-search kernel (kquant_fused) ------------------------------------------
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler"
+)
+
+
+@pytest.fixture
+def fresh_fused_caches():
+    """Forget which kernels were compiled and checked, before and after the test."""
+    kq._fused_candidate_step.cache_clear()
+    kquant_fused.compiled_qkx_candidate.cache_clear()
+    yield
+    kq._fused_candidate_step.cache_clear()
+    kquant_fused.compiled_qkx_candidate.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("path", ["", "+imatrix_ones", "+imatrix_random"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
+@pytest.mark.parametrize("n", [256, 512])
+def test_fused_kernel_matches_ggml(ref, n, qtype, path, monkeypatch):
+    """Every ggml reference row, tiled to fill whole buckets, encoded through the compiled kernel."""
+    cases = sorted({k.split("/")[1] for k in ref if k.startswith(f"n{n}/") and k.endswith(f"/{qtype}{path}")})
+    rows = np.concatenate([ref[f"n{n}/{c}/input"] for c in cases])
+    want = np.concatenate([ref[f"n{n}/{c}/{qtype}{path}"] for c in cases])
+    bucket = kquant_fused.bucket_superblocks()
+    reps = -(-bucket * kq.QK_K // rows.size)  # at least one full bucket
+    calls = []
+    real = kquant_fused.qkx_search
+    monkeypatch.setattr(kquant_fused, "qkx_search", lambda *a: calls.append(1) or real(*a))
+    got = ggml_type(qtype).quantize_rows(torch.from_numpy(np.tile(rows, (reps, 1))), _imatrix(ref, n, path)).numpy()
+    assert calls, "the compiled kernel was not used"
+    want = np.tile(want, (reps, 1))
+    if not np.array_equal(got, want):
+        pytest.fail(f"n{n} {qtype}{path} (tiled): " + _first_difference(got, want, ggml_type(qtype).type_size))
+
+
+@needs_compiler
+def test_fused_kernel_matches_eager_search_bit_for_bit():
+    """The self-check the encoder runs before trusting the kernel, on blocks that probe the edges."""
+    step = kquant_fused.compiled_qkx_candidate()
+    assert step is not None
+    assert kq._fused_matches_eager(step, kquant_fused.bucket_superblocks())
+
+
+def test_a_kernel_that_disagrees_is_not_used(ref, fresh_fused_caches, monkeypatch, caplog):
+    real = kquant_fused.qkx_candidate
+
+    def off_by_one_ulp(xw, v, c, s, nmax):
+        out = real(xw, v, c, s, nmax)
+        out[1] = torch.nextafter(out[1], torch.full_like(out[1], float("inf")))
+        return out
+
+    monkeypatch.setattr(kquant_fused, "compiled_qkx_candidate", lambda: off_by_one_ulp)
+    assert kq._fused_candidate_step(kquant_fused.bucket_superblocks()) is None
+    assert "fused K-quant kernel not used" in caplog.text
+    # more than a bucket: the kernel would have run here; the eager search gives ggml's bytes
+    reps = -(-kquant_fused.bucket_superblocks() // 48) + 1  # 24 rows of 2 super-blocks each
+    rows = torch.from_numpy(np.tile(ref["n512/gaussian/input"], (reps, 1)))
+    assert np.array_equal(kq.Q4_K.quantize_rows(rows).numpy(), np.tile(ref["n512/gaussian/Q4_K"], (reps, 1)))
+
+
+def test_fused_kernel_can_be_switched_off(fresh_fused_caches, monkeypatch):
+    monkeypatch.setenv("IDEOQUANT_FUSED", "0")
+    assert kquant_fused.compiled_qkx_candidate() is None
+    assert kq._fused_candidate_step(kquant_fused.bucket_superblocks()) is None
+
+
+def test_compile_failure_falls_back_to_eager(fresh_fused_caches, monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert kquant_fused.compiled_qkx_candidate() is None
+    assert "no C++ compiler" in caplog.text

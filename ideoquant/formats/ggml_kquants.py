@@ -26,14 +26,23 @@ is a scratch slot (see `_sum33`); a 34-row buffer adds a leading slot for chaine
 (sigma2 over a whole super-block or row). Rows are encoded in inner chunks of a few hundred
 thousand weights, so the temporaries stay small; the search loops run over candidate scales
 and over positions in a block, never over blocks.
+
+Speed. The candidate loop of Q4_K/Q5_K (21 to 37 candidates per block) is most of the work;
+on buckets of whole super-blocks it runs through a compiled kernel (`kquant_fused`), which
+is checked against the eager loop here once per process and replaced by it when it is not
+available or not exact.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from . import kquant_fused
 from .ggml import DEFAULT_CHUNK_WEIGHTS, GGMLType, fp16_bytes, fp16_from_bytes
 
 QK_K = 256
@@ -239,13 +248,15 @@ def _make_qkx(
     nstep: int,
     qkx3: bool,
     exact: bool = False,
+    fused: bool | Callable[..., torch.Tensor] = True,
 ) -> tuple[_QkxResult, torch.Tensor]:
     """ggml's make_qkx2_quants (qkx3=False) or make_qkx3_quants (qkx3=True), use_mad=false.
 
     X, W: [33, B] gapped position-major blocks and weights; xmin/xmax: [B] block min/max;
     sum_w = sum(w), sum_x = sum(w*x) in ggml's order. Returns the result and a [B] mask of
     blocks whose fast-path arithmetic may differ from ggml (nearest_int out of range, NaN);
-    with exact=True those are computed exactly (slow, for a handful of blocks).
+    with exact=True those are computed exactly (slow, for a handful of blocks). `fused`: use
+    the compiled candidate kernel where it applies (True), never (False), or this one.
 
     The candidate loop is sequential as in ggml (each candidate's iscale uses the min of the
     best fit so far); it runs vectorized over all blocks, keeping per block the state
@@ -259,9 +270,7 @@ def _make_qkx(
     iscale0 = _div(fnmax, mx - mn0)
 
     T = torch.empty_like(X)  # levels of the candidate, then its weighted squared errors
-    P = torch.empty((33, 3, B), dtype=_F32)  # w*l, w*l*x, w*l*l: summed in one pass
-    P_wl, P_wlx, P_wll = P.unbind(1)
-    gT, gP = _Gap33(T), _Gap33(P)
+    gT = _Gap33(T)
 
     def quant(isc, m, out):  # Laux = clamp(nearest_int(isc*(x - m)), 0, nmax)
         torch.sub(X, m, out=out)
@@ -286,9 +295,7 @@ def _make_qkx(
 
     # state rows: best error, scale, iscale and min of the winning levels, current min.
     state = torch.empty((5, B), dtype=_F32)
-    new = torch.empty((5, B), dtype=_F32)
     best, mn = state[0], state[4]
-    cur, this_scale, isc, prev_mn, this_min = new
     torch.div(torch.tensor(1.0, dtype=_F32), iscale0, out=state[1])
     state[2] = iscale0
     state[3] = mn0
@@ -298,6 +305,114 @@ def _make_qkx(
 
     rmin32, rdelta32, nmax32 = np.float32(rmin), np.float32(rdelta), np.float32(nmax)
     cs = [float((rmin32 + rdelta32 * np.float32(i)) + nmax32) for i in range(nstep + 1)]
+    step = None
+    if callable(fused):
+        step = fused
+    elif fused and not exact and B == 8 * kquant_fused.bucket_superblocks():
+        step = _fused_candidate_step(B // 8)
+    if step is not None:
+        s = kquant_fused.qkx_search(
+            step, X, W, torch.stack((mx, sum_w, sum_x)), torch.cat((state, mn_hi.unsqueeze(0))), cs, nmax
+        )
+        state, mn, mn_hi = s[:5], s[4], s[5]
+    else:
+        _qkx_candidates_eager(X, W, mx, sum_w, sum_x, cs, state, mn_hi, T, quant, error, exact)
+
+    zero = torch.zeros_like(mx)
+    scale = torch.where(early, zero, state[1])
+    l_iscale = torch.where(early, zero, state[2])
+    l_min = torch.where(early, zero, state[3])
+    # early-out: *the_min = -min with min the clamped block minimum (state[4] is mn0 there).
+    result = _QkxResult(scale, -mn, l_iscale, l_min, early)
+    if exact:
+        return result, torch.zeros(B, dtype=torch.bool)
+    # Fast-path validity: |iscale*(x - min)| stays well inside nearest_int's range and
+    # finite for every min the loop used; the bound is monotone in min, so mn_hi decides.
+    c_max = max(abs(c) for c in cs)
+    rng = mx - mn_hi
+    ok = (rng > 0) & ((mn_hi - xmin) * c_max <= rng * 1.0e6) & (mx - xmin < 3.0e38)
+    return result, ~ok & ~early
+
+
+def _adversarial_blocks(n_blocks: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n_blocks, 32] blocks and positive weights that probe the edges of the scale search."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_blocks, 32, generator=gen) * torch.exp(torch.randn(n_blocks, 1, generator=gen) * 2)
+    kind = torch.arange(n_blocks) % 16
+    x[kind == 1] = x[kind == 1].abs() + 0.5  # all positive
+    x[kind == 2] = -x[kind == 2].abs() - 0.5  # all negative
+    x[kind == 3] = 0.0
+    x[kind == 4] = 0.25  # constant
+    x[kind == 5] = torch.round(x[kind == 5] * 2) / 2  # few distinct values: ties everywhere
+    x[kind == 6] *= 1e-30
+    x[kind == 7] *= 1e30
+    x[kind == 8, 0] *= 1000  # one spike
+    x[kind == 9] = x[kind == 9].to(torch.float8_e4m3fn).to(_F32)  # FP8 grid
+    w = torch.rand(n_blocks, 32, generator=gen) * 2
+    w[kind == 10] = 0.0
+    w[kind == 11, ::3] = 0.0
+    return x, w
+
+
+def _fused_matches_eager(step: Callable[..., torch.Tensor], superblocks: int) -> bool:
+    """Whether the compiled candidate kernel gives the eager search's results, bit for bit.
+
+    The kernel runs on a whole bucket; the eager reference on its first 2048 blocks (blocks are
+    independent, and every kind of test block occurs there), which keeps the check cheap."""
+    x, w = _adversarial_blocks(8 * superblocks)
+    X = _gapped33(x.T.contiguous())
+    W = _gapped33(w.T.contiguous())
+    head = min(2048, X.shape[1])
+    for nmax, rmin, rdelta, nstep, qkx3 in ((15, -1.0, 0.1, 20, False), (31, -0.9, 0.05, 36, True)):
+        results = []
+        for XX, WW, fused in ((X, W, step), (X[:, :head].contiguous(), W[:, :head].contiguous(), False)):
+            data = _ungap33(XX)
+            sum_w, sum_x = _sum33(WW.clone()), _sum33(WW * XX)
+            args = (XX, WW, data.amin(0), data.amax(0), sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
+            results.append(_make_qkx(*args, fused=fused))
+        (got, got_flagged), (want, want_flagged) = results
+        if not torch.equal(got_flagged[:head], want_flagged):
+            return False
+        ok = ~want_flagged
+        for a, b in zip((got.scale, got.the_min, got.l_iscale, got.l_min), (want.scale, want.the_min, want.l_iscale, want.l_min)):
+            if not torch.equal(a[:head][ok].view(torch.int32), b[ok].view(torch.int32)):
+                return False
+    return True
+
+
+@functools.cache
+def _fused_candidate_step(superblocks: int) -> Callable[..., torch.Tensor] | None:
+    """The compiled candidate kernel for buckets of this size once it has matched the eager
+    code here; else None."""
+    step = kquant_fused.compiled_qkx_candidate()
+    if step is None:
+        return None
+    try:
+        if _fused_matches_eager(step, superblocks):
+            return step
+        reason = "its results differ from the eager code on this machine"
+    except Exception as exc:  # noqa: BLE001 - compile errors surface on the first call
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    kquant_fused.log.warning("fused K-quant kernel not used (%s); using the eager encoder", reason)
+    return None
+
+
+def fused_search_available() -> bool:
+    """Whether Q4_K/Q5_K run their scale search through the compiled kernel here (compiles it)."""
+    return _fused_candidate_step(kquant_fused.bucket_superblocks()) is not None
+
+
+def _qkx_candidates_eager(X, W, mx, sum_w, sum_x, cs, state, mn_hi, T, quant, error, exact) -> None:
+    """The candidate loop of `_make_qkx` in eager torch: updates state [5, B] and mn_hi in place.
+
+    T is the [33, B] scratch of `quant` and `error`."""
+    B = X.shape[1]
+    P = torch.empty((33, 3, B), dtype=_F32)  # w*l, w*l*x, w*l*l: summed in one pass
+    P_wl, P_wlx, P_wll = P.unbind(1)
+    gP = _Gap33(P)
+    best, mn = state[0], state[4]
+    new = torch.empty((5, B), dtype=_F32)
+    cur, this_scale, isc, prev_mn, this_min = new
     c_ts = [torch.tensor(c, dtype=_F32) for c in cs]
     # G rows: sum_x (constant), then the sums of the P planes (sum_l, sum_xl, sum_l2), then a
     # copy of sum_l2, laid out so that the products below are plain row views.
@@ -348,21 +463,6 @@ def _make_qkx(
         torch.bitwise_xor(state_bits, new_bits, out=flip)
         flip &= mask
         state_bits ^= flip
-
-    zero = torch.zeros_like(mx)
-    scale = torch.where(early, zero, state[1])
-    l_iscale = torch.where(early, zero, state[2])
-    l_min = torch.where(early, zero, state[3])
-    # early-out: *the_min = -min with min the clamped block minimum (state[4] is mn0 there).
-    result = _QkxResult(scale, -mn, l_iscale, l_min, early)
-    if exact:
-        return result, torch.zeros(B, dtype=torch.bool)
-    # Fast-path validity: |iscale*(x - min)| stays well inside nearest_int's range and
-    # finite for every min the loop used; the bound is monotone in min, so mn_hi decides.
-    c_max = max(abs(c) for c in cs)
-    rng = mx - mn_hi
-    ok = (rng > 0) & ((mn_hi - xmin) * c_max <= rng * 1.0e6) & (mx - xmin < 3.0e38)
-    return result, ~ok & ~early
 
 
 def _qkx_levels(X: torch.Tensor, res: _QkxResult, nmax: int, qkx3: bool, exact: bool) -> torch.Tensor:
@@ -822,6 +922,8 @@ class _KQuant(GGMLType):
 
     # Weights per inner chunk and thread (see INNER_CHUNK_WEIGHTS).
     inner_chunk_weights: int = INNER_CHUNK_WEIGHTS
+    # Whether the scale search runs through the compiled kernel of `kquant_fused`.
+    fused_search: bool = False
 
     @classmethod
     def quantize_blocks(cls, blocks, weights=None):
@@ -856,10 +958,17 @@ class _KQuant(GGMLType):
         threads = max(1, torch.get_num_threads())
         big = _col_align()
         step = max(big, cls.inner_chunk_weights * threads // QK_K // big * big)
+        bucket = kquant_fused.bucket_superblocks()
+        fused = cls.fused_search and n >= bucket // 4 and _fused_candidate_step(bucket) is not None
+        if fused:
+            step = bucket  # the compiled kernel takes buckets of exactly this size
         for a, b in _chunks(n, step):
             nb = b - a
-            # Pad to whole vector groups of columns so that the sums stay on torch's fast path.
-            npad = _round_up(nb, _VEC_COLS if nb < big else big)
+            if fused and nb >= bucket // 4:
+                npad = bucket  # a short last chunk is still faster padded through the kernel
+            else:
+                # Pad to whole vector groups of columns so that the sums stay on torch's fast path.
+                npad = _round_up(nb, _VEC_COLS if nb < big else big)
             x = blocks[a:b]
             qw = None if weights is None else weights(a, b)
             if npad != nb:
@@ -875,6 +984,7 @@ class Q4_K(_KQuant):
 
     qtype = GGMLQuantizationType.Q4_K
     type_size = 144
+    fused_search = True
 
     @classmethod
     def _encode(cls, x, qw):
@@ -898,6 +1008,7 @@ class Q5_K(_KQuant):
 
     qtype = GGMLQuantizationType.Q5_K
     type_size = 176
+    fused_search = True
 
     @classmethod
     def _encode(cls, x, qw):
