@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from . import __version__
+from . import __version__, data_dir
 from .errors import IdeoquantError
 from .inventory import BRANCHES
 from .recipe import gguf_file_tag, is_gguf_format
@@ -41,7 +41,7 @@ log = logging.getLogger("ideoquant")
 
 CARD_NAME = "README.md"
 REPORT_NAME = "quantization_report.json"
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "ideogram4-quantized.md"
+TEMPLATE_PATH = data_dir("model_cards") / "ideogram4-quantized.md"
 # A licence name for sources whose card names none; the link then points at the base model.
 FALLBACK_LICENSE_NAME = "base-model-license"
 # Recipe keys naming the linears kept in higher precision (a list, or a dict keyed by module).

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ideoquant import data_dir
 from ideoquant.errors import IdeoquantError
 
 __all__ = [
@@ -59,8 +60,8 @@ CATEGORIES = (
 #: The packaged prompt sets, by file stem.
 PROMPT_SET_NAMES = ("calibration", "evaluation_quality", "evaluation_text")
 
-#: ``calibration_prompts/`` beside the ``ideoquant`` package.
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "calibration_prompts"
+#: ``calibration_prompts/`` at the top of the checkout (inside the package in a wheel).
+PROMPTS_DIR = data_dir("calibration_prompts")
 
 _REQUIRED = ("id", "category", "prompt")
 _OPTIONAL = ("target_text", "width", "height", "seed")

@@ -170,3 +170,40 @@ def test_int8_recipe_is_summarised_without_its_bulk():
         "Calibration: file stats.safetensors, runs [mode synthetic, steps 3]",
         "settings: protect 2, alpha_grid 0.4/0.5",
     ]
+
+
+def test_a_built_wheel_carries_the_card_template_and_prompt_sets(tmp_path):
+    """A non-editable install finds the template and the prompt sets inside the package."""
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for name in ("ideoquant", "model_cards", "calibration_prompts"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(wheels), str(src)]
+    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("ideoquant-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    for name in ("model_cards/ideogram4-quantized.md", "calibration_prompts/calibration.jsonl",
+                 "calibration_prompts/evaluation_quality.jsonl", "calibration_prompts/evaluation_text.jsonl"):
+        assert f"ideoquant/{name}" in names
+    modules = {p.relative_to(root).as_posix() for p in (root / "ideoquant").rglob("*.py")}
+    assert modules <= names, f"missing from the wheel: {sorted(modules - names)}"
+    probe = (
+        "import ideoquant.model_card as m, ideoquant.prompts as p; "
+        "print(m.TEMPLATE_PATH.read_text()[:3]); print(len(p.load_prompts(p.PROMPTS_DIR / 'calibration.jsonl')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+        check=True, capture_output=True, text=True, timeout=120,
+    ).stdout.split()
+    assert out == ["---", "130"]
