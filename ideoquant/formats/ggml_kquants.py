@@ -979,6 +979,14 @@ class _KQuant(GGMLType):
         return out
 
 
+def _k4_scales_and_mins(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d*sc and dmin*m of each sub-block of Q4_K/Q5_K blocks [n, type_size]: float32 [n, 8, 1]."""
+    d = fp16_from_bytes(blocks[:, 0:2])
+    dmin = fp16_from_bytes(blocks[:, 2:4])
+    sc, m = _unpack_scales_k4(blocks[:, 4:16].to(torch.int32).permute(1, 0))
+    return (d * sc.permute(1, 0).to(_F32)).unsqueeze(-1), (dmin * m.permute(1, 0).to(_F32)).unsqueeze(-1)
+
+
 class Q4_K(_KQuant):
     """144 bytes per 256 weights: fp16 d, dmin; 8 6-bit (scale, min); 256 4-bit levels."""
 
@@ -993,11 +1001,7 @@ class Q4_K(_KQuant):
     @classmethod
     def dequantize_blocks(cls, blocks):
         n = blocks.shape[0]
-        d = fp16_from_bytes(blocks[:, 0:2])
-        dmin = fp16_from_bytes(blocks[:, 2:4])
-        sc, m = _unpack_scales_k4(blocks[:, 4:16].to(torch.int32).permute(1, 0))
-        dl = (d * sc.permute(1, 0).to(_F32)).unsqueeze(-1)  # [n, 8, 1]
-        ml = (dmin * m.permute(1, 0).to(_F32)).unsqueeze(-1)
+        dl, ml = _k4_scales_and_mins(blocks)
         qs = blocks[:, 16:].reshape(n, 4, 1, 32)
         q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).to(_F32)
         return (dl * q - ml).reshape(n, QK_K)
@@ -1017,11 +1021,7 @@ class Q5_K(_KQuant):
     @classmethod
     def dequantize_blocks(cls, blocks):
         n = blocks.shape[0]
-        d = fp16_from_bytes(blocks[:, 0:2])
-        dmin = fp16_from_bytes(blocks[:, 2:4])
-        sc, m = _unpack_scales_k4(blocks[:, 4:16].to(torch.int32).permute(1, 0))
-        dl = (d * sc.permute(1, 0).to(_F32)).unsqueeze(-1)
-        ml = (dmin * m.permute(1, 0).to(_F32)).unsqueeze(-1)
+        dl, ml = _k4_scales_and_mins(blocks)
         qh = blocks[:, 16:48].reshape(n, 1, 32)
         qs = blocks[:, 48:].reshape(n, 4, 1, 32)
         lo = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32)

@@ -8,7 +8,6 @@ bf16; norm weights carrying a SmoothQuant fold are float32 so the fold stays exa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from ..errors import IdeoquantError
 from ..inventory import ModelDims, TensorSpec, expected_tensors, layout_modules, to_layout_names
 from ..runtime.int8 import dequantize_weight, quantize_weight_per_channel
 from ..smoothing import Int8Recipe, Int8Settings, plan_int8
-from ..source import BranchSource, SafetensorsFile, Source
+from ..source import BranchSource, Source
 from ..writers.files import OutputSet, ensure_free_space
 from ..writers.safetensors import DTYPE_NAMES, PlannedTensor, ShardedSafetensorsOutput
 
@@ -92,11 +91,6 @@ def output_plan(dims: ModelDims, recipe: Int8Recipe, layout: str) -> list[Planne
     return plan
 
 
-def _digest(t: torch.Tensor) -> str:
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
-
-
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     den = float(exact.square().sum(dtype=torch.float64))
     return (float((approx.to(torch.float32) - exact).square().sum(dtype=torch.float64)) / den) ** 0.5 if den else 0.0
@@ -105,13 +99,12 @@ def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 @dataclass
 class _Written:
     reports: list[TensorReport] = field(default_factory=list)
-    digests: dict[str, str] = field(default_factory=dict)
 
 
 def _stream(
     bs: BranchSource, recipe: Int8Recipe, plan: list[PlannedTensor], layout: str, progress: Progress | None, written: _Written
 ):
-    """(name, tensor) in plan order: smoothed, quantized or cast; reports and digests on the way."""
+    """(name, tensor) in plan order: smoothed, quantized or cast; reports on the way."""
     dtypes = {p.name: p.dtype for p in plan}
     folded = set(recipe.folded_norms())
     for spec in expected_tensors(bs.dims):
@@ -129,7 +122,6 @@ def _stream(
                 written.reports.append(
                     TensorReport(scale_name, tuple(scale.shape), "F32", scale.numel() * 4, None, "per-channel scale")
                 )
-                written.digests[name], written.digests[scale_name] = _digest(q), _digest(scale)
                 yield name, q
                 yield scale_name, scale
                 continue
@@ -142,32 +134,9 @@ def _stream(
                 note, err = "", None
             kind = DTYPE_NAMES[out.dtype]
             written.reports.append(TensorReport(name, tuple(out.shape), kind, out.numel() * out.element_size(), err, note))
-            written.digests[name] = _digest(out)
             yield name, out
         if progress is not None:
             progress.advance(bs.stored_nbytes(spec.name))
-
-
-def verify_folder(paths: list[Path], plan: list[PlannedTensor], digests: dict[str, str]) -> None:
-    """Reopen the written files: every planned tensor present once, exact dtype, shape and bytes."""
-    planned = {p.name: p for p in plan}
-    seen: set[str] = set()
-    for path in paths:
-        if path.suffix != ".safetensors":
-            continue
-        f = SafetensorsFile(path)
-        for name, stored in f.tensors.items():
-            p = planned.get(name)
-            if p is None or name in seen:
-                raise IdeoquantError(f"{path}: unexpected or duplicate tensor {name} after writing")
-            if stored.dtype != p.dtype or stored.shape != p.shape:
-                raise IdeoquantError(f"{path}: {name} reads back as {stored.dtype} {list(stored.shape)}")
-            if _digest(f.read(name)) != digests[name]:
-                raise IdeoquantError(f"{path}: {name} reads back with different bytes")
-            seen.add(name)
-    missing = set(planned) - seen
-    if missing:
-        raise IdeoquantError(f"written files lack {len(missing)} tensors, e.g. {sorted(missing)[0]}")
 
 
 def write_int8_folder(
@@ -192,7 +161,7 @@ def write_int8_folder(
     writer.write_all(_stream(bs, recipe, plan, layout, progress, written))
     config_path = folder / "config.json"
     outputs.write_text(config_path, json.dumps(branch_config(bs, recipe, layout), indent=2) + "\n")
-    verify_folder(writer.paths, plan, written.digests)
+    writer.verify()
     return writer.files + [config_path], written.reports
 
 

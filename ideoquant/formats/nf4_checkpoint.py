@@ -15,7 +15,6 @@ quantizing the whole tensor at once (`bitsandbytes.functional.quantize_4bit`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ from ..convert import BranchResult, ConvertOptions, Progress, TensorReport, comm
 from ..errors import IdeoquantError
 from ..inventory import ModelDims, TensorSpec, expected_tensors, layout_modules, to_layout_names
 from ..recipe import kept_linears, one_row_linears
-from ..source import BranchSource, SafetensorsFile, Source
+from ..source import BranchSource, Source
 from ..writers.files import OutputSet, ensure_free_space
 from ..writers.safetensors import DTYPE_NAMES, PlannedTensor, ShardedSafetensorsOutput
 from .gguf import ErrorMeter
@@ -354,15 +353,9 @@ def kept_notes(dims: ModelDims, kept: list[str], options: ConvertOptions) -> dic
 
 # --- writing -----------------------------------------------------------------------------------
 
-def _digest(t: torch.Tensor) -> str:
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
-
-
 @dataclass
 class _Written:
     reports: list[TensorReport]
-    digests: dict[str, str]
 
 
 def _stream(
@@ -375,7 +368,7 @@ def _stream(
     progress: Progress | None,
     written: _Written,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in plan order, one canonical tensor at a time; reports and digests on the way."""
+    """(name, tensor) in plan order, one canonical tensor at a time; reports on the way."""
     groups: dict[str, list[OutputPart]] = {}
     for part in parts:
         groups.setdefault(part.spec.name, []).append(part)
@@ -405,9 +398,7 @@ def _stream(
                 note = "NF4, blocks of 64" + (", double-quantized absmax" if nested is not None else "")
                 written.reports.append(TensorReport(part.name, part.shape, "NF4", nbytes, enc.meter.relative(), note))
                 for planned in by_part[part.name]:
-                    t = tensors[planned.name]
-                    written.digests[planned.name] = _digest(t)
-                    yield planned.name, t
+                    yield planned.name, tensors[planned.name]
             else:
                 cast = dense.pop(part.name)
                 out = cast.finish(part.name)
@@ -416,35 +407,9 @@ def _stream(
                 else:
                     err, note = None, ""
                 written.reports.append(TensorReport(part.name, part.shape, dtype_name, out.numel() * out.element_size(), err, note))
-                written.digests[part.name] = _digest(out)
                 yield part.name, out
         if progress is not None:
             progress.advance(bs.stored_nbytes(spec_name))
-
-
-def verify_folder(paths: list[Path], index_path: Path | None, plan: list[PlannedTensor], digests: dict[str, str]) -> None:
-    """Reopen the written files: every planned tensor present once with its dtype, shape and bytes; the index complete."""
-    planned = {p.name: p for p in plan}
-    where: dict[str, str] = {}
-    for path in paths:
-        f = SafetensorsFile(path)
-        for name, stored in f.tensors.items():
-            p = planned.get(name)
-            if p is None or name in where:
-                raise IdeoquantError(f"{path}: unexpected or duplicate tensor {name} after writing")
-            if stored.dtype != p.dtype or stored.shape != p.shape:
-                raise IdeoquantError(f"{path}: {name} reads back as {stored.dtype} {list(stored.shape)}")
-            if _digest(f.read(name)) != digests[name]:
-                raise IdeoquantError(f"{path}: {name} reads back with different bytes")
-            where[name] = path.name
-    missing = set(planned) - set(where)
-    if missing:
-        raise IdeoquantError(f"written files lack {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-    if index_path is not None:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        if weight_map != where:
-            wrong = sorted(set(weight_map.items()) ^ set(where.items()))[0][0]
-            raise IdeoquantError(f"{index_path}: does not map {wrong} to the shard that holds it")
 
 
 def write_nf4_folder(
@@ -482,7 +447,7 @@ def write_nf4_folder(
         "layout": options.layout,
     }
     meta = {"format": "pt", **(metadata or {}), RECIPE_METADATA_KEY: json.dumps(recipe, sort_keys=True)}
-    written = _Written(reports=[], digests={})
+    written = _Written(reports=[])
     tensors = _stream(bs, parts, by_part, compute_dtype, offsets, kept_notes(bs.dims, kept, options), progress, written)
     writer = ShardedSafetensorsOutput(outputs, folder, plan, metadata=meta, max_shard_bytes=options.max_shard_bytes)
     writer.write_all(tensors)
@@ -490,7 +455,7 @@ def write_nf4_folder(
     config_path = folder / "config.json"
     config = branch_config(bs, skip, options.double_quant, options.compute_dtype)
     outputs.write_text(config_path, json.dumps(config, indent=2) + "\n")
-    verify_folder(paths, index_path, plan, written.digests)
+    writer.verify()
     return paths + ([index_path] if index_path else []) + [config_path], written.reports, recipe
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import IdeoquantError
+from ..source import SafetensorsFile
 from .files import OutputSet
 
 DTYPE_NAMES = {
@@ -57,13 +59,21 @@ def _header_bytes(plan: list[PlannedTensor], metadata: dict[str, str] | None) ->
     return struct.pack("<Q", len(raw)) + raw
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """A digest of a tensor's bytes, to compare what was written with what reads back."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
+
+
 class SafetensorsWriter:
-    """Writes one safetensors file; tensors must arrive in plan order."""
+    """Writes one safetensors file; tensors must arrive in plan order. `digests` records the
+    bytes of each tensor written."""
 
     def __init__(self, fh, plan: list[PlannedTensor], metadata: dict[str, str] | None = None):
         self.fh = fh
         self.plan = plan
         self.next = 0
+        self.digests: dict[str, str] = {}
         fh.write(_header_bytes(plan, metadata))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -76,6 +86,7 @@ class SafetensorsWriter:
             )
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         self.fh.write(memoryview(data))
+        self.digests[name] = hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
         self.next += 1
 
     def finished(self) -> bool:
@@ -108,7 +119,8 @@ class ShardedSafetensorsOutput:
     """A diffusers weight folder: one file, or shards plus `*.safetensors.index.json`.
 
     Tensors are handed over one at a time in plan order; each shard is staged as
-    `*.partial` and renamed when complete, the index is written last.
+    `*.partial` and renamed when complete, the index is written last; `verify` reads it all
+    back.
     """
 
     def __init__(
@@ -130,6 +142,7 @@ class ShardedSafetensorsOutput:
         else:
             self.paths = [self.folder / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.index_path = self.folder / f"{stem}.safetensors.index.json" if n > 1 else None
+        self.digests: dict[str, str] = {}
         for p in self.paths + ([self.index_path] if self.index_path else []):
             outputs.claim(p)
 
@@ -145,6 +158,7 @@ class ShardedSafetensorsOutput:
                     except StopIteration:
                         raise IdeoquantError(f"{path}: ran out of tensors before {shard[writer.next].name}") from None
                     writer.write(name, tensor)
+            self.digests.update(writer.digests)
         if next(it, None) is not None:
             raise IdeoquantError(f"{self.folder}: more tensors than planned")
         if self.index_path is not None:
@@ -156,6 +170,31 @@ class ShardedSafetensorsOutput:
     @property
     def files(self) -> list[Path]:
         return self.paths + ([self.index_path] if self.index_path else [])
+
+    def verify(self) -> None:
+        """Reopen the written files: every planned tensor once, with its dtype, shape and the
+        bytes written; the index (when sharded) maps each tensor to the shard that holds it."""
+        planned = {t.name: t for shard in self.shards for t in shard}
+        where: dict[str, str] = {}
+        for path in self.paths:
+            f = SafetensorsFile(path)
+            for name, stored in f.tensors.items():
+                p = planned.get(name)
+                if p is None or name in where:
+                    raise IdeoquantError(f"{path}: unexpected or duplicate tensor {name} after writing")
+                if stored.dtype != p.dtype or stored.shape != p.shape:
+                    raise IdeoquantError(f"{path}: {name} reads back as {stored.dtype} {list(stored.shape)}")
+                if tensor_digest(f.read(name)) != self.digests.get(name):
+                    raise IdeoquantError(f"{path}: {name} reads back with different bytes")
+                where[name] = path.name
+        missing = set(planned) - set(where)
+        if missing:
+            raise IdeoquantError(f"written files lack {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        if self.index_path is not None:
+            weight_map = json.loads(self.index_path.read_text())["weight_map"]
+            if weight_map != where:
+                wrong = min(set(weight_map.items()) ^ set(where.items()))[0]
+                raise IdeoquantError(f"{self.index_path}: does not map {wrong} to the shard that holds it")
 
 
 def save_safetensors(outputs: OutputSet, path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
