@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .calibrate import LinearStatistics, statistics_key
+from .errors import IdeoquantError
 from .inventory import ModelDims, expected_tensors
 from .recipe import matches_patterns, one_row_linears
 from .runtime.int8 import int8_matmul, quantize_per_token, quantize_weight_per_channel
@@ -76,6 +78,33 @@ def smoothing_groups(dims: ModelDims) -> list[SmoothGroup]:
             SmoothGroup(p + "feed_forward.w2", (p + "feed_forward.w2",), FoldTarget(p + "feed_forward.w3.weight", (0, F))),
         ]
     return groups
+
+
+# A converted INT8 folder keeps each branch's factors here, so that the smoothed weights can
+# be rebuilt from the source (`verify --source`) and the recipe reproduced.
+FACTORS_FOLDER = "smoothquant"
+
+
+def factors_path(out: Path, branch: str) -> Path:
+    """Where an INT8 output folder keeps a branch's SmoothQuant factors."""
+    return Path(out) / FACTORS_FOLDER / f"{branch}.safetensors"
+
+
+def recipe_from_factors(dims: ModelDims, factors: dict[str, torch.Tensor], origin: str) -> Int8Recipe:
+    """A recipe that applies stored factors (`smooth_tensor`), after checking their names and values."""
+    groups = smoothing_groups(dims)
+    widths = {s.name[: -len(".weight")]: s.shape[1] for s in expected_tensors(dims) if s.kind == "linear"}
+    known = {g.name: widths[g.linears[0]] for g in groups}
+    checked: dict[str, torch.Tensor] = {}
+    for name, s in factors.items():
+        if name not in known:
+            raise IdeoquantError(f"{origin}: {name} is not a smoothing group of this model")
+        if s.dtype != torch.float32 or tuple(s.shape) != (known[name],):
+            raise IdeoquantError(f"{origin}: factors of {name} are {s.dtype} {list(s.shape)}, expected float32 [{known[name]}]")
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise IdeoquantError(f"{origin}: factors of {name} are not all finite and positive")
+        checked[name] = s
+    return Int8Recipe(dims, Int8Settings(), groups, {}, checked)
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -162,22 +162,46 @@ def check_inventory(branch: str, tensors: list[dict]) -> None:
         raise IdeoquantError(f"{REPORT_NAME}: {branch} lists unknown tensor {extra[0]}")
 
 
+def smoothed_groups(recipe: dict) -> set[str]:
+    """The smoothing groups an INT8 recipe smoothed (those with an alpha)."""
+    alphas = recipe.get("alphas")
+    if not isinstance(alphas, dict):
+        return set()
+    return {g for g, a in alphas.items() if a is not None}
+
+
 def smoothed_tensors(recipe: dict, dims: ModelDims) -> set[str]:
     """Canonical tensors a SmoothQuant fold changed before quantizing (INT8 recipes with active alphas).
 
-    Their reference is the smoothed weight, which needs the calibration statistics to rebuild,
-    so the source comparison leaves them out."""
-    alphas = recipe.get("alphas")
-    if not isinstance(alphas, dict) or all(a is None for a in alphas.values()):
+    Their reference is the smoothed source weight, rebuilt from the factors the folder keeps
+    (`smoothquant/<branch>.safetensors`); without that file they are left out."""
+    active = smoothed_groups(recipe)
+    if not active:
         return set()
     from .smoothing import smoothing_groups
 
     touched: set[str] = set()
     for group in smoothing_groups(dims):
-        if alphas.get(group.name) is not None:
+        if group.name in active:
             touched.update(m + ".weight" for m in group.linears)
             touched.add(group.fold.tensor)
     return touched
+
+
+def load_smoothing(folder: Path, branch: str, dims: ModelDims, groups: set[str]):
+    """The stored SmoothQuant factors of a branch as a recipe that re-applies them, or None
+    for a folder written without them; they must cover exactly the groups the report smoothed."""
+    from .smoothing import factors_path, recipe_from_factors
+
+    path = factors_path(folder, branch)
+    if not path.is_file():
+        return None
+    f = SafetensorsFile(path)
+    factors = {name: f.read(name) for name in f.tensors}
+    if set(factors) != groups:
+        odd = sorted(set(factors) ^ groups)[0]
+        raise IdeoquantError(f"{path}: the factors of {odd} do not match the report's recipe")
+    return recipe_from_factors(dims, factors, str(path))
 
 
 class GGUFTensors:
@@ -332,10 +356,13 @@ def open_outputs(folder: Path, report: dict, branch: str) -> GGUFTensors | Folde
 
 # --- 3. fidelity ---------------------------------------------------------------------------------
 
-def _source_tensor(bs: BranchSource, name: str) -> torch.Tensor:
-    """The source tensor a report name stands for (a q/k/v part is its row slice of qkv)."""
+def _source_tensor(bs: BranchSource, name: str, smoothing=None) -> torch.Tensor:
+    """The source tensor a report name stands for (a q/k/v part is its row slice of qkv),
+    with the SmoothQuant factors applied when `smoothing` (a recipe) is given."""
     canonical, part = to_canonical_name(name)
     exact = bs.read_float32(canonical)
+    if smoothing is not None:
+        exact = smoothing.smooth_tensor(canonical, exact)
     if part is None:
         return exact
     rows = exact.shape[0] // 3
@@ -358,7 +385,9 @@ def compare_with_source(folder: Path, report: dict, readers: dict, src: str) -> 
         bs = source.branches[branch]
         if br.get("source_checksum") and bs.checksum() != br["source_checksum"]:
             raise IdeoquantError(f"{src}: {branch} is not the source this folder was converted from (sha256 differs)")
-        smoothed = smoothed_tensors(br.get("recipe", {}), bs.dims)
+        recipe = br.get("recipe", {})
+        smoothed = smoothed_tensors(recipe, bs.dims)
+        smoothing = load_smoothing(folder, branch, bs.dims, smoothed_groups(recipe)) if smoothed else None
         measured: list[TensorReport] = []
         skipped = 0
         deviation = 0.0
@@ -366,11 +395,11 @@ def compare_with_source(folder: Path, report: dict, readers: dict, src: str) -> 
             canonical = to_canonical_name(t["name"])[0]
             if canonical not in bs.specs:
                 continue  # a companion (scale, quant state): checked through its weight
-            if canonical in smoothed:
+            if canonical in smoothed and smoothing is None:
                 skipped += 1
                 continue
             approx = readers[branch].dequantize(t["name"])
-            exact = _source_tensor(bs, t["name"])
+            exact = _source_tensor(bs, t["name"], smoothing if canonical in smoothed else None)
             if approx.shape != exact.shape:
                 raise IdeoquantError(
                     f"{folder}: {branch} tensor {t['name']} has shape {list(approx.shape)}, the source {list(exact.shape)}"

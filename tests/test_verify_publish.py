@@ -245,9 +245,31 @@ def test_int8_conversion_verifies_against_its_source(converted, tmp_path):
     assert "Protected for their measured error (2)" in card.text
     result = run_cli("verify", out, "--source", src)
     assert result.exit_code == 0, result.output
-    verified = json.loads((out / "quantization_report.json").read_text())["verified"]["branches"]
+    report = json.loads((out / "quantization_report.json").read_text())
+    verified = report["verified"]["branches"]
     # The writer measures in its own float arithmetic: equal to rounding, not to the bit.
     assert all(v["tensors_compared"] > 0 and v["max_deviation_from_report"] <= 1e-6 for v in verified.values())
+    # The stored SmoothQuant factors let every smoothed tensor be compared too.
+    smoothed = {b for b, br in report["branches"].items() if any(a is not None for a in br["recipe"]["alphas"].values())}
+    assert smoothed, "the tiny calibration smoothed nothing: the factors are not exercised"
+    for branch in smoothed:
+        assert (out / "smoothquant" / f"{branch}.safetensors").is_file()
+        assert verified[branch]["tensors_skipped_smoothed"] == 0
+        n_tensors = sum(1 for t in report["branches"][branch]["tensors"] if not t["name"].endswith("_scale"))
+        assert verified[branch]["tensors_compared"] == n_tensors
+
+    # Factors that are not the ones used: the smoothed weights no longer match the report.
+    from safetensors.torch import load_file, save_file
+
+    branch = sorted(smoothed)[0]
+    name = f"smoothquant/{branch}.safetensors"
+    factors = load_file(out / name)
+    group = sorted(factors)[0]
+    factors[group] = factors[group] * 1.5
+    save_file(factors, out / name, metadata={"format": "pt"})
+    restamp(out, name)
+    assert "against the source, the report says" in one_line_error(run_cli("verify", out, "--source", src))
+
     flip_byte(out / "unconditional_transformer" / "diffusion_pytorch_model.safetensors", -3)
     assert "sha256 differs" in one_line_error(run_cli("verify", out))
 
@@ -333,6 +355,25 @@ def test_dry_run_lists_files_with_sizes_and_uploads_nothing(copy, monkeypatch):
     for name in ["ideogram4-Q8_0.gguf", "ideogram4-uncond-Q8_0.gguf", "LICENSE.md", "README.md", "quantization_report.json"]:
         line = next(line for line in result.output.splitlines() if line.startswith(name + " "))
         assert str((copy / name).stat().st_size) in line.split()
+
+
+def test_stored_factors_are_checked_before_use():
+    from ideoquant.inventory import ModelDims
+    from ideoquant.smoothing import recipe_from_factors
+
+    dims = ModelDims(hidden=256, head_dim=64, intermediate=768, adaln_dim=256, llm_features=512, num_layers=2)
+    ok = {"layers.0.attention.qkv": torch.ones(256), "layers.1.feed_forward.w2": torch.full((768,), 2.0)}
+    recipe = recipe_from_factors(dims, ok, "f")
+    w2 = torch.ones(256, 768)
+    assert torch.equal(recipe.smooth_tensor("layers.1.feed_forward.w2.weight", w2), w2 * 2)
+    for bad, message in [
+        ({"layers.9.attention.qkv": torch.ones(256)}, "not a smoothing group"),
+        ({"layers.0.attention.qkv": torch.ones(255)}, r"expected float32 \[256\]"),
+        ({"layers.0.attention.qkv": torch.ones(256, dtype=torch.float64)}, "expected float32"),
+        ({"layers.0.attention.qkv": torch.zeros(256)}, "not all finite and positive"),
+    ]:
+        with pytest.raises(IdeoquantError, match=message):
+            recipe_from_factors(dims, bad, "f")
 
 
 def test_smoothquant_folds_are_left_out_of_the_source_comparison():

@@ -20,10 +20,10 @@ from ..convert import BranchResult, ConvertOptions, Progress, TensorReport, comm
 from ..errors import IdeoquantError
 from ..inventory import ModelDims, TensorSpec, expected_tensors, layout_modules, to_layout_names
 from ..runtime.int8 import dequantize_weight, quantize_weight_per_channel
-from ..smoothing import Int8Recipe, Int8Settings, plan_int8
+from ..smoothing import Int8Recipe, Int8Settings, factors_path, plan_int8
 from ..source import BranchSource, Source
 from ..writers.files import OutputSet, ensure_free_space
-from ..writers.safetensors import DTYPE_NAMES, PlannedTensor, ShardedSafetensorsOutput
+from ..writers.safetensors import DTYPE_NAMES, PlannedTensor, ShardedSafetensorsOutput, save_safetensors
 
 log = logging.getLogger("ideoquant")
 
@@ -165,6 +165,21 @@ def write_int8_folder(
     return writer.files + [config_path], written.reports
 
 
+def write_factors(recipe: Int8Recipe, out: Path, branch: str, outputs: OutputSet) -> Path:
+    """The branch's SmoothQuant factors s, one float32 vector per smoothed input group, with
+    where each 1/s was folded: what `verify --source` needs to rebuild the smoothed weights."""
+    path = factors_path(out, branch)
+    folds = {
+        g.name: {"linears": list(g.linears), "fold": g.fold.tensor, "rows": list(g.fold.rows) if g.fold.rows else None}
+        for g in recipe.groups
+        if g.name in recipe.factors
+    }
+    metadata = {"format": "pt", "ideoquant.branch": branch, "ideoquant.smoothquant.folds": json.dumps(folds, sort_keys=True)}
+    tensors = {name: s.to(torch.float32).contiguous() for name, s in recipe.factors.items()}
+    save_safetensors(outputs, path, tensors, metadata)
+    return path
+
+
 def calibration_summary(stats: CalibrationStatistics, path: Path, bs: BranchSource) -> dict:
     """What the model card says about the calibration behind a branch."""
     meta = stats.metadata
@@ -217,6 +232,8 @@ def write_int8_branch(
     files, reports = write_int8_folder(
         bs, recipe, Path(options.out) / bs.branch, outputs, options.layout, metadata, options.max_shard_bytes, progress
     )
+    if recipe.factors:
+        files.append(write_factors(recipe, Path(options.out), bs.branch, outputs))
     return BranchResult(
         branch=bs.branch,
         files=files,
