@@ -2,13 +2,14 @@
 
 Runs `ideoquant convert` in a child process (imports, reading, encoding, writing and
 verification all included) and reports wall time, weights per second and the child's
-peak RSS. Usage: python bench/bench_convert.py --format q8_0 [--layers 2] [--work bench_out]
+peak RSS. Usage: python bench/bench_convert.py --format q8_0 [--layers 2] [--work bench_out] [--extra="--imatrix ones"]
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--format", default="q8_0")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("bench_out"))
-    parser.add_argument("--extra", nargs="*", default=[], help="Extra convert arguments.")
+    parser.add_argument("--extra", default="", help='Extra convert arguments, one string: --extra="--imatrix ones".')
     args = parser.parse_args()
 
     src = args.work / f"full-{args.layers}blocks-fp8"
@@ -39,7 +40,7 @@ def main() -> None:
     out = args.work / f"out-{args.format}"
     shutil.rmtree(out, ignore_errors=True)  # deleting old multi-GB outputs is not conversion time
     cmd = [sys.executable, "-m", "ideoquant.cli", "convert", str(src), "--format", args.format,
-           "--out", str(out), "--quiet", *args.extra]
+           "--out", str(out), "--quiet", *shlex.split(args.extra)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

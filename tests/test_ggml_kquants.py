@@ -271,12 +271,23 @@ def fresh_fused_caches():
     kquant_fused.compiled_qkx_candidate.cache_clear()
 
 
+FUSED_CASES = [(n, t, p, 1) for n in (256, 512) for t in ("Q4_K", "Q5_K") for p in ("", "+imatrix_ones", "+imatrix_random")]
+# Two threads compile the parallel variant of the kernel, the one conversions use on most machines.
+FUSED_CASES += [(512, "Q4_K", "", 2), (512, "Q4_K", "+imatrix_random", 2)]
+
+
 @needs_compiler
-@pytest.mark.parametrize("path", ["", "+imatrix_ones", "+imatrix_random"])
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
-@pytest.mark.parametrize("n", [256, 512])
-def test_fused_kernel_matches_ggml(ref, n, qtype, path, monkeypatch):
+@pytest.mark.parametrize("n,qtype,path,threads", FUSED_CASES, ids=[f"n{n}-{t}{p}-{th}thr" for n, t, p, th in FUSED_CASES])
+def test_fused_kernel_matches_ggml(ref, n, qtype, path, threads, monkeypatch):
     """Every ggml reference row, tiled to fill whole buckets, encoded through the compiled kernel."""
+    torch.set_num_threads(threads)  # the bucket size, and the kernel compiled for it, follow it
+    try:
+        _encode_tiled_through_kernel(ref, n, qtype, path, monkeypatch)
+    finally:
+        torch.set_num_threads(1)
+
+
+def _encode_tiled_through_kernel(ref, n, qtype, path, monkeypatch):
     cases = sorted({k.split("/")[1] for k in ref if k.startswith(f"n{n}/") and k.endswith(f"/{qtype}{path}")})
     rows = np.concatenate([ref[f"n{n}/{c}/input"] for c in cases])
     want = np.concatenate([ref[f"n{n}/{c}/{qtype}{path}"] for c in cases])
