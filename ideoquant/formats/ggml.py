@@ -44,6 +44,10 @@ class GGMLType:
         """Decode uint8 [n, type_size] blocks to float32 [n, block_size]."""
         raise NotImplementedError(f"{cls.__name__} has no decoder")
 
+    @classmethod
+    def prepare(cls) -> None:
+        """One-time set-up before a conversion encodes with this type (e.g. compiling a kernel)."""
+
     # --- row level, shared -------------------------------------------------------------
     @classmethod
     def row_bytes(cls, row_length: int) -> int:

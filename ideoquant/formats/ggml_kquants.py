@@ -926,6 +926,11 @@ class _KQuant(GGMLType):
     fused_search: bool = False
 
     @classmethod
+    def prepare(cls) -> None:
+        if cls.fused_search:
+            fused_search_available()
+
+    @classmethod
     def quantize_blocks(cls, blocks, weights=None):
         blocks = _cpu32(blocks).reshape(-1, QK_K)
         if weights is None:

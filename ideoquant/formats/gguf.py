@@ -93,6 +93,8 @@ def write_gguf_branch(
     outputs.claim(path)
     ensure_free_space(options.out, sum(tensor_nbytes(c) for c in choices))
     importance = importance_source(options, bs)
+    for qtype in dict.fromkeys(c.qtype for c in choices):
+        ggml_type(qtype).prepare()  # while the source is hashed for the header below
     recipe = {c.name: {"type": c.qtype.name, "reason": c.reason} for c in choices}
     metadata: dict[str, str | int] = {
         "general.name": f"Ideogram 4 {'unconditional ' if bs.branch != 'transformer' else ''}{gguf_file_tag(options.fmt)}",
