@@ -314,8 +314,8 @@ def test_fused_kernel_matches_eager_search_bit_for_bit():
 def test_a_kernel_that_disagrees_is_not_used(ref, fresh_fused_caches, monkeypatch, caplog):
     real = kquant_fused.qkx_candidate
 
-    def off_by_one_ulp(xw, v, c, s, nmax):
-        out = real(xw, v, c, s, nmax)
+    def off_by_one_ulp(x, w, v, c, s, nmax):
+        out = real(x, w, v, c, s, nmax)
         out[1] = torch.nextafter(out[1], torch.full_like(out[1], float("inf")))
         return out
 

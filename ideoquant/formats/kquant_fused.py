@@ -42,10 +42,13 @@ ROW_PAD = 16
 GAPPED_ROWS = tuple(range(16)) + tuple(range(17, 33))
 
 
-def qkx_candidate(xw: torch.Tensor, v: torch.Tensor, c: torch.Tensor, s: torch.Tensor, nmax: torch.Tensor) -> torch.Tensor:
+def qkx_candidate(
+    x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, c: torch.Tensor, s: torch.Tensor, nmax: torch.Tensor
+) -> torch.Tensor:
     """One candidate of make_qkx2/3_quants (use_mad = false) for every block: the new state.
 
-    xw [2, 33, B]: x and its weights, gapped position-major (column = block);
+    x, w [33, B]: x and its weights, gapped position-major (column = block), rows ROW_PAD
+    floats apart beyond their length;
     v [3, B]: block max, sum(w), sum(w*x); c: the candidate's `rmin + rdelta*is + nmax`;
     s [6, B]: best error, scale, (iscale, min) of the winning levels, current min, largest
     min used so far. Levels are clamp(round((x - min)*iscale), 0, nmax): the caller makes
@@ -57,14 +60,14 @@ def qkx_candidate(xw: torch.Tensor, v: torch.Tensor, c: torch.Tensor, s: torch.T
     levels = []
     sum_l = sum_l2 = sum_xl = None
     for r in GAPPED_ROWS:
-        x, w = xw[0, r], xw[1, r]
-        lv = torch.clamp(torch.round((x - mn) * iscale), torch.zeros_like(x), nmax)
+        xr, wr = x[r], w[r]
+        lv = torch.clamp(torch.round((xr - mn) * iscale), torch.zeros_like(xr), nmax)
         levels.append(lv)
-        wl = w * lv
+        wl = wr * lv
         if sum_l is None:  # ggml starts each sum from 0.0f
-            sum_l, sum_l2, sum_xl = wl + 0.0, wl * lv + 0.0, wl * x + 0.0
+            sum_l, sum_l2, sum_xl = wl + 0.0, wl * lv + 0.0, wl * xr + 0.0
         else:
-            sum_l, sum_l2, sum_xl = sum_l + wl, sum_l2 + wl * lv, sum_xl + wl * x
+            sum_l, sum_l2, sum_xl = sum_l + wl, sum_l2 + wl * lv, sum_xl + wl * xr
     D = sum_w * sum_l2 - sum_l * sum_l
     this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
     this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -73,9 +76,8 @@ def qkx_candidate(xw: torch.Tensor, v: torch.Tensor, c: torch.Tensor, s: torch.T
     this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
     err = None
     for r, lv in zip(GAPPED_ROWS, levels):
-        x, w = xw[0, r], xw[1, r]
-        diff = this_scale * lv + this_min - x
-        e = w * (diff * diff)
+        diff = this_scale * lv + this_min - x[r]
+        e = w[r] * (diff * diff)
         err = e + 0.0 if err is None else err + e
     take = (D > 0) & (err < best)
     return torch.stack(
@@ -124,15 +126,22 @@ def qkx_search(
 ) -> torch.Tensor:
     """Run the candidate loop with `step` (compiled or not): x, w [33, B], v [3, B], s [6, B]."""
     # Inputs are made here, inside one inference mode, so the compiled graph's guards hold
-    # whatever mode the caller is in.
+    # whatever mode the caller is in; x and w are used in place when their rows are padded.
     with torch.inference_mode():
-        blocks = x.shape[1]
-        xw = torch.empty((2, 33, blocks + ROW_PAD), dtype=torch.float32)[..., :blocks]
-        xw[0] = x
-        xw[1] = w
+        x, w = _padded(x), _padded(w)
         v = v.clone()
         s = s.clone()
         nmax_t = torch.tensor(float(nmax), dtype=torch.float32)
         for c in torch.tensor(numerators, dtype=torch.float32):
-            s = step(xw, v, c, s, nmax_t)
+            s = step(x, w, v, c, s, nmax_t)
     return s.clone()
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """t [33, B] with rows ROW_PAD floats apart beyond their length: t itself, or a copy."""
+    rows, blocks = t.shape
+    if t.dtype == torch.float32 and t.stride() == (blocks + ROW_PAD, 1):
+        return t
+    out = torch.empty((rows, blocks + ROW_PAD), dtype=torch.float32)[:, :blocks]
+    out.copy_(t)
+    return out
