@@ -101,6 +101,11 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(name, refresh=False)
 
+    def note(self, text: str) -> None:
+        """Say what is happening before the next tensor starts (shown at once)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
     def advance(self, nbytes: int) -> None:
         if self.bar is not None:
             self.bar.update(nbytes)

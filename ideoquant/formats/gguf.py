@@ -93,8 +93,10 @@ def write_gguf_branch(
     outputs.claim(path)
     ensure_free_space(options.out, sum(tensor_nbytes(c) for c in choices))
     importance = importance_source(options, bs)
+    # While the source is hashed for the header below (a first run compiles the K-quant kernel).
+    progress.note("preparing the encoders")
     for qtype in dict.fromkeys(c.qtype for c in choices):
-        ggml_type(qtype).prepare()  # while the source is hashed for the header below
+        ggml_type(qtype).prepare()
     recipe = {c.name: {"type": c.qtype.name, "reason": c.reason} for c in choices}
     metadata: dict[str, str | int] = {
         "general.name": f"Ideogram 4 {'unconditional ' if bs.branch != 'transformer' else ''}{gguf_file_tag(options.fmt)}",
