@@ -356,7 +356,7 @@ def _adversarial_blocks(n_blocks: int, seed: int = 0) -> tuple[torch.Tensor, tor
     x[kind == 6] *= 1e-30
     x[kind == 7] *= 1e30
     x[kind == 8, 0] *= 1000  # one spike
-    x[kind == 9] = x[kind == 9].to(torch.float8_e4m3fn).to(_F32)  # FP8 grid
+    x[kind == 9] = x[kind == 9].clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(_F32)  # FP8 grid
     w = torch.rand(n_blocks, 32, generator=gen) * 2
     w[kind == 10] = 0.0
     w[kind == 11, ::3] = 0.0
