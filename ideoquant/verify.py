@@ -18,6 +18,7 @@ import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from .model_card import CARD_NAME, REPORT_NAME, parse_file_table, report_files
 from .recipe import TensorChoice
 from .source import BranchSource, SafetensorsFile, open_source
 from .writers.files import PARTIAL_SUFFIX, OutputSet, sha256_file
+
+if TYPE_CHECKING:  # the smoothing module is imported only where an INT8 folder needs it
+    from .smoothing import Int8Recipe
 
 log = logging.getLogger("ideoquant")
 
@@ -188,7 +192,7 @@ def smoothed_tensors(recipe: dict, dims: ModelDims) -> set[str]:
     return touched
 
 
-def load_smoothing(folder: Path, branch: str, dims: ModelDims, groups: set[str]):
+def load_smoothing(folder: Path, branch: str, dims: ModelDims, groups: set[str]) -> Int8Recipe | None:
     """The stored SmoothQuant factors of a branch as a recipe that re-applies them, or None
     for a folder written without them; they must cover exactly the groups the report smoothed."""
     from .smoothing import factors_path, recipe_from_factors
@@ -356,17 +360,27 @@ def open_outputs(folder: Path, report: dict, branch: str) -> GGUFTensors | Folde
 
 # --- 3. fidelity ---------------------------------------------------------------------------------
 
-def _source_tensor(bs: BranchSource, name: str, smoothing=None) -> torch.Tensor:
-    """The source tensor a report name stands for (a q/k/v part is its row slice of qkv),
-    with the SmoothQuant factors applied when `smoothing` (a recipe) is given."""
-    canonical, part = to_canonical_name(name)
-    exact = bs.read_float32(canonical)
-    if smoothing is not None:
-        exact = smoothing.smooth_tensor(canonical, exact)
-    if part is None:
-        return exact
-    rows = exact.shape[0] // 3
-    return exact[part * rows : (part + 1) * rows]
+class _SourceTensors:
+    """The source tensors report names stand for (a q/k/v part is its row slice of qkv),
+    smoothed with the stored SmoothQuant factors when given; the last canonical tensor is
+    kept, so the three parts of qkv read and smooth it once."""
+
+    def __init__(self, bs: BranchSource, smoothing: Int8Recipe | None):
+        self.bs, self.smoothing = bs, smoothing
+        self.last: tuple[str, torch.Tensor] | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        canonical, part = to_canonical_name(name)
+        if self.last is None or self.last[0] != canonical:
+            exact = self.bs.read_float32(canonical)
+            if self.smoothing is not None:
+                exact = self.smoothing.smooth_tensor(canonical, exact)
+            self.last = (canonical, exact)
+        exact = self.last[1]
+        if part is None:
+            return exact
+        rows = exact.shape[0] // 3
+        return exact[part * rows : (part + 1) * rows]
 
 
 def _close(measured: float, reported: float) -> bool:
@@ -388,6 +402,7 @@ def compare_with_source(folder: Path, report: dict, readers: dict, src: str) -> 
         recipe = br.get("recipe", {})
         smoothed = smoothed_tensors(recipe, bs.dims)
         smoothing = load_smoothing(folder, branch, bs.dims, smoothed_groups(recipe)) if smoothed else None
+        sources = _SourceTensors(bs, smoothing)
         measured: list[TensorReport] = []
         skipped = 0
         deviation = 0.0
@@ -399,7 +414,7 @@ def compare_with_source(folder: Path, report: dict, readers: dict, src: str) -> 
                 skipped += 1
                 continue
             approx = readers[branch].dequantize(t["name"])
-            exact = _source_tensor(bs, t["name"], smoothing if canonical in smoothed else None)
+            exact = sources.get(t["name"])
             if approx.shape != exact.shape:
                 raise IdeoquantError(
                     f"{folder}: {branch} tensor {t['name']} has shape {list(approx.shape)}, the source {list(exact.shape)}"

@@ -36,7 +36,6 @@ available or not exact.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -186,17 +185,12 @@ def _sum33(p: torch.Tensor, out: torch.Tensor | None = None, exact_loop: bool = 
     return _sum_rows(p[16:33], out, exact_loop)
 
 
-def _padded_rows(rows: int, inner: tuple[int, ...]) -> torch.Tensor:
-    """An empty float32 [rows, *inner] whose rows lie `kquant_fused.ROW_PAD` floats further
-    apart than their length: the compiled kernel takes such rows without a copy, and
-    reductions over rows stay clear of cache-set conflicts."""
-    n = math.prod(inner)
-    return torch.empty((rows, n + kquant_fused.ROW_PAD), dtype=_F32)[:, :n].view((rows, *inner))
-
-
 def _gapped33(pos_major: torch.Tensor, rows: int = 33) -> torch.Tensor:
-    """[32, ...] -> [33, ...] with positions 0..15 in rows 0..15 and 16..31 in rows 17..32."""
-    out = _padded_rows(rows, tuple(pos_major.shape[1:]))
+    """[32, ...] -> [33, ...] with positions 0..15 in rows 0..15 and 16..31 in rows 17..32.
+
+    Rows are padded (`kquant_fused.padded_rows`): the compiled kernel takes them without a
+    copy, and sums over rows stay clear of cache-set conflicts."""
+    out = kquant_fused.padded_rows(rows, tuple(pos_major.shape[1:]))
     off = rows - 33
     out[off : off + 16] = pos_major[:16]
     out[off + 17 : off + 33] = pos_major[16:]
@@ -728,7 +722,7 @@ def _fit_k32(
         sq = X * X
         sum_x2 = _sum33(sq)  # per sub-block
         av_x = _sqrt(sum_x2 / 32)
-        W = torch.abs(X, out=_padded_rows(33, (B,))).add_(av_x)
+        W = torch.abs(X, out=kquant_fused.padded_rows(33, (B,))).add_(av_x)
         sw = None
         rmin, rdelta, nstep = ref
         qkx3 = False
@@ -743,7 +737,7 @@ def _fit_k32(
         sigma2 = (2 * s) / QK_K
         Xs = X * X
         Xs.add_(sigma2.repeat(8))
-        W = torch.mul(qw34[1:].view(33, B), _sqrt(Xs), out=_padded_rows(33, (B,)))
+        W = torch.mul(qw34[1:].view(33, B), _sqrt(Xs), out=kquant_fused.padded_rows(33, (B,)))
         sw = _sum33(W).view(8, nsb)
         rmin, rdelta, nstep = impl_params
         qkx3 = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -115,6 +116,13 @@ def compiled_qkx_candidate() -> Callable[..., torch.Tensor] | None:
         return None
 
 
+def padded_rows(rows: int, inner: tuple[int, ...]) -> torch.Tensor:
+    """An empty float32 [rows, *inner] whose rows lie ROW_PAD floats further apart than their
+    length: the layout the kernel takes without a copy."""
+    n = math.prod(inner)
+    return torch.empty((rows, n + ROW_PAD), dtype=torch.float32)[:, :n].view((rows, *inner))
+
+
 def qkx_search(
     step: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -125,11 +133,10 @@ def qkx_search(
     nmax: int,
 ) -> torch.Tensor:
     """Run the candidate loop with `step` (compiled or not): x, w [33, B], v [3, B], s [6, B]."""
-    # Inputs are made here, inside one inference mode, so the compiled graph's guards hold
-    # whatever mode the caller is in; x and w are used in place when their rows are padded.
+    # Every call runs in inference mode, and the state it feeds back is an inference tensor
+    # from the first call on (hence the clone), so the compiled graph's guards always hold.
     with torch.inference_mode():
         x, w = _padded(x), _padded(w)
-        v = v.clone()
         s = s.clone()
         nmax_t = torch.tensor(float(nmax), dtype=torch.float32)
         for c in torch.tensor(numerators, dtype=torch.float32):
@@ -138,10 +145,10 @@ def qkx_search(
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
-    """t [33, B] with rows ROW_PAD floats apart beyond their length: t itself, or a copy."""
+    """t [33, B] in the padded-row layout: t itself, or a copy."""
     rows, blocks = t.shape
     if t.dtype == torch.float32 and t.stride() == (blocks + ROW_PAD, 1):
         return t
-    out = torch.empty((rows, blocks + ROW_PAD), dtype=torch.float32)[:, :blocks]
+    out = padded_rows(rows, (blocks,))
     out.copy_(t)
     return out
