@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ideoquant.source import open_source  # noqa: E402
-from ideoquant.synth import write_synthetic_pipeline  # noqa: E402
+from ideoquant.io.source import open_source
+from ideoquant.io.synthetic import write_synthetic_pipeline
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ideoquant.formats.ggml import ggml_type  # noqa: E402
-from ideoquant.formats.ggml_kquants import fused_search_available  # noqa: E402
+from ideoquant.codecs.ggml.registry import ggml_type
+from ideoquant.codecs.ggml.scale_search import fused_search_available
 
 
 def realistic_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

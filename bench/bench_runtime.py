@@ -25,11 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ideoquant.convert import ConvertOptions, convert  # noqa: E402
 from ideoquant.errors import IdeoquantError  # noqa: E402
-from ideoquant.recipe import is_gguf_format  # noqa: E402
-from ideoquant.runtime import load_transformer, resident_bytes, velocity_inputs  # noqa: E402
-from ideoquant.synth import write_synthetic_pipeline  # noqa: E402
+from ideoquant.export.convert import convert
+from ideoquant.export.options import ConvertOptions
+from ideoquant.io.synthetic import write_synthetic_pipeline
+from ideoquant.model.build import resident_bytes
+from ideoquant.model.sequence import velocity_inputs
+from ideoquant.recipes.formats import is_gguf_format
+from ideoquant.runtime.pipeline import load_transformer
 
 FORMATS = ("bf16", "f16", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "nf4", "int8")
 BASELINE = "bf16 (diffusers)"
@@ -80,9 +83,9 @@ def nf4_folder_without_converter(src: Path, out: Path) -> list[Path]:
     bf16), built with `ideoquant.formats.nf4` for checkouts whose NF4 writer is not there yet."""
     from safetensors.torch import save_file
 
-    from ideoquant.formats.nf4 import nf4_serialized_tensors, quantize_nf4
-    from ideoquant.inventory import to_layout_names
-    from ideoquant.source import open_source
+    from ideoquant.codecs.nf4 import nf4_serialized_tensors, quantize_nf4
+    from ideoquant.io.source import open_source
+    from ideoquant.model.inventory import to_layout_names
 
     bs = open_source(src, "cond").branches["transformer"]
     tensors, skipped = {}, []
@@ -115,7 +118,7 @@ def converted(work: Path, s: Setting, src: Path, fmt: str) -> tuple[Path, int]:
     if not done.exists():
         options = ConvertOptions(fmt=fmt, out=out, branches="cond", overwrite=True, quiet=True)
         if fmt == "int8":
-            from ideoquant.calibrate import calibrate
+            from ideoquant.calibrate.run import calibrate
 
             stats = work / f"{s.name}-calibration.safetensors"
             if not stats.exists():

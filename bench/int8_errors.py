@@ -27,19 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ideoquant.calibrate import (  # noqa: E402
-    calibrate,
-    load_source_transformer,
-    load_statistics,
-    residual_gains,
-    synthetic_calls,
-)
-from ideoquant.formats.int8 import write_int8_folder  # noqa: E402
-from ideoquant.runtime.int8 import load_int8_transformer  # noqa: E402
-from ideoquant.smoothing import Int8Settings, plan_int8  # noqa: E402
-from ideoquant.source import open_source  # noqa: E402
-from ideoquant.synth import write_synthetic_pipeline  # noqa: E402
-from ideoquant.writers.files import OutputSet  # noqa: E402
+from ideoquant.calibrate.inputs import synthetic_calls
+from ideoquant.calibrate.run import calibrate
+from ideoquant.calibrate.source_model import load_source_transformer
+from ideoquant.calibrate.statistics import load_statistics, residual_gains
+from ideoquant.export.int8_branch import write_int8_folder
+from ideoquant.export.smoothing import Int8Settings, plan_int8
+from ideoquant.io.source import open_source
+from ideoquant.io.staging import OutputSet
+from ideoquant.io.synthetic import write_synthetic_pipeline
+from ideoquant.runtime.int8_loader import load_int8_transformer
 
 IMAGE_INDICATOR = 2
 

@@ -20,7 +20,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ideoquant.runtime.int8 import Int8Linear, quantize_per_token, quantize_weight_per_channel  # noqa: E402
+from ideoquant.codecs.int8 import quantize_per_token, quantize_weight_per_channel
+from ideoquant.runtime.int8_loader import Int8Linear
 
 HIDDEN, FFN = 4608, 12288
 SHAPES = {  # name: (in_features K, out_features N)

@@ -32,10 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ideoquant.convert import ConvertOptions, convert  # noqa: E402
-from ideoquant.runtime import load_transformer, velocity_inputs  # noqa: E402
-from ideoquant.runtime.nf4 import NF4Linear  # noqa: E402
-from ideoquant.synth import write_synthetic_pipeline  # noqa: E402
+from ideoquant.export.convert import convert
+from ideoquant.export.options import ConvertOptions
+from ideoquant.io.synthetic import write_synthetic_pipeline
+from ideoquant.model.sequence import velocity_inputs
+from ideoquant.runtime.nf4_loader import NF4Linear
+from ideoquant.runtime.pipeline import load_transformer
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

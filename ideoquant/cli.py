@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .errors import IdeoquantError
-from .recipe import ALL_FORMATS
+from .recipes.formats import ALL_FORMATS
 
 log = logging.getLogger("ideoquant")
 
@@ -74,7 +74,7 @@ def main() -> None:
 @one_line_errors
 def synth(out: Path, layers: int | None, size: str, dtype: str, layout: str, seed: int, overwrite: bool) -> None:
     """Write a synthetic Ideogram-4-shaped pipeline folder (both branches)."""
-    from .synth import write_synthetic_pipeline
+    from .io.synthetic import write_synthetic_pipeline
 
     _setup_logging()
     dims = write_synthetic_pipeline(out, size=size, layers=layers, dtype=dtype, layout=layout, seed=seed, overwrite=overwrite)
@@ -91,7 +91,7 @@ def synth(out: Path, layers: int | None, size: str, dtype: str, layout: str, see
 @one_line_errors
 def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
     """Print a table of a source or an output: name, shape, dtype/type, bytes; metadata; totals."""
-    from .inspect import inspect_path
+    from .export.inspect import inspect_path
 
     _setup_logging(quiet=True)
     click.echo(inspect_path(path, plan_fmt=plan_fmt, show_metadata=metadata))
@@ -122,8 +122,9 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
             alpha: float | None, protect: int, protect_patterns: tuple[str, ...], all_linears: bool,
             double_quant: bool, layout: str, base_model: str | None, overwrite: bool, quiet: bool) -> None:
     """Convert SRC (folder, file or Hub repo id) to FORMAT under OUT, then verify it."""
-    from .convert import ConvertOptions, convert as run_convert
-    from .report import summary_table
+    from .export.convert import convert as run_convert
+    from .export.options import ConvertOptions
+    from .export.report import summary_table
 
     _setup_logging(quiet)
     options = ConvertOptions(
@@ -158,7 +159,7 @@ def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, syntheti
               resolution: int | None, seed: int, branches: str, max_samples: int, device: str | None,
               shard: str | None, overwrite: bool, quiet: bool) -> None:
     """Record activation statistics: `calibrate SRC --out STATS` or `calibrate merge A B ... --out STATS`."""
-    from . import calibrate as calibration
+    from .calibrate.run import run as calibration
 
     _setup_logging(quiet)
     if inputs[0] == "merge":
@@ -194,7 +195,11 @@ def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, syntheti
 @one_line_errors
 def compare(a: Path, b: Path, images: bool, resamples: int, seed: int, confidence: float) -> None:
     """Paired comparison of two variants: per-prompt score CSVs (B - A, bootstrap CI), or --images."""
-    from .compare import compare_image_dirs, compare_score_files, format_comparison
+    from .export.compare import (
+        compare_image_dirs,
+        compare_score_files,
+        format_comparison,
+    )
 
     if images:
         click.echo(format_comparison(compare_image_dirs(a, b)))
@@ -210,7 +215,7 @@ def compare(a: Path, b: Path, images: bool, resamples: int, seed: int, confidenc
 @one_line_errors
 def demo(out: Path, formats: str | None) -> None:
     """Build a tiny synthetic FP8 checkpoint, convert it to every format, print a summary."""
-    from .demo import DEMO_FORMATS, run_demo
+    from .export.demo import DEMO_FORMATS, run_demo
 
     _setup_logging(quiet=True)
     log.setLevel(logging.ERROR)  # a synthetic source has no card or base model to warn about
@@ -226,7 +231,7 @@ def demo(out: Path, formats: str | None) -> None:
 @one_line_errors
 def verify(folder: Path, source: str | None) -> None:
     """Check a converted FOLDER against its model card and report (and the source); record the result."""
-    from .verify import record_verification, verify_folder
+    from .export.verify import record_verification, verify_folder
 
     _setup_logging()
     section = verify_folder(folder, source)
@@ -249,8 +254,8 @@ def verify(folder: Path, source: str | None) -> None:
 @one_line_errors
 def publish(folder: Path, repo_id: str, private: bool, dry_run: bool) -> None:
     """Upload a converted FOLDER that verifies to a Hub model repo (the files its card lists)."""
-    from .publish import publish_folder
-    from .report import human_bytes
+    from .export.publish import publish_folder
+    from .export.report import human_bytes
 
     _setup_logging()
     plan = publish_folder(folder, repo_id, private=private, dry_run=dry_run)

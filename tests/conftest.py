@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ideoquant.synth import write_synthetic_pipeline
+from ideoquant.io.synthetic import write_synthetic_pipeline
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,20 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from ideoquant import synth
-from ideoquant.calibrate import (
-    FP8Linear,
-    calibrate,
+from ideoquant.calibrate.inputs import synthetic_calls
+from ideoquant.calibrate.run import calibrate
+from ideoquant.calibrate.source_model import load_source_transformer
+from ideoquant.calibrate.statistics import (
     load_importance,
-    load_source_transformer,
     load_statistics,
     merge_statistics,
     residual_gains,
-    synthetic_calls,
 )
 from ideoquant.errors import IdeoquantError
-from ideoquant.inventory import ModelDims
-from ideoquant.source import open_source
+from ideoquant.io import synthetic as synth
+from ideoquant.io.source import open_source
+from ideoquant.model.fp8_linear import FP8Linear
+from ideoquant.model.inventory import ModelDims
 
 # Small enough for a 2-core machine; still several timesteps, both branches, text and image rows.
 SYNTH = dict(synthetic=True, steps=3, resolution=64, synthetic_inputs=4, text_tokens=8, max_samples=48, quiet=True)
@@ -218,7 +218,9 @@ CHAT_TEMPLATE = (
 def _tiny_text_stack(root: Path) -> None:
     """Write a tiny Qwen3-VL-style text encoder, tokenizer, VAE and scheduler next to the transformers."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import QWEN3_VL_ACTIVATION_LAYERS
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import (
+        QWEN3_VL_ACTIVATION_LAYERS,
+    )
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLModel
 

@@ -101,7 +101,7 @@ def _invoke(args):
 
 
 def test_not_enough_free_disk_checked_before_writing(tiny_fp8, tmp_path, monkeypatch):
-    import ideoquant.writers.files as files
+    import ideoquant.io.staging as files
 
     monkeypatch.setattr(files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     result = _invoke(["convert", str(tiny_fp8), "--format", "q8_0", "--out", str(tmp_path / "o"), "--quiet"])
@@ -111,7 +111,7 @@ def test_not_enough_free_disk_checked_before_writing(tiny_fp8, tmp_path, monkeyp
 
 
 def test_disk_full_and_interrupt_mid_write_leave_nothing(tiny_fp8, tmp_path, monkeypatch, capsys):
-    from ideoquant.writers.gguf import GGUFStreamWriter
+    from ideoquant.io.gguf_writer import GGUFStreamWriter
 
     real_write = GGUFStreamWriter.write_chunk
     for exc_factory, code, needle in [

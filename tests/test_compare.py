@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ideoquant import compare
-from ideoquant.compare import (
+from ideoquant.errors import IdeoquantError
+from ideoquant.export import compare
+from ideoquant.export.compare import (
     ImageComparison,
     PairedResult,
     ScoreComparison,
@@ -22,7 +23,6 @@ from ideoquant.compare import (
     psnr,
     ssim,
 )
-from ideoquant.errors import IdeoquantError
 
 # --------------------------------------------------------------------- bootstrap
 

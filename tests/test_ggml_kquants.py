@@ -11,9 +11,10 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from ideoquant.formats import ggml_kquants as kq
-from ideoquant.formats import kquant_fused
-from ideoquant.formats.ggml import GGMLType, ggml_type
+from ideoquant.codecs.ggml import fused_kernel as kquant_fused
+from ideoquant.codecs.ggml import kquants as kq
+from ideoquant.codecs.ggml import scale_search as ss
+from ideoquant.codecs.ggml.registry import GGML_TYPES, ggml_type
 
 DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
 TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
@@ -171,7 +172,7 @@ def test_zero_rows_round_trip_to_zero():
 def test_registry_and_geometry():
     for t, (bs, ts) in {"Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}.items():
         cls = ggml_type(t)
-        assert GGMLType.registry[GGMLQuantizationType[t]] is cls
+        assert GGML_TYPES[GGMLQuantizationType[t]] is cls
         assert (cls.block_size, cls.type_size, cls.uses_imatrix) == (bs, ts, True)
     with pytest.raises(ValueError):
         ggml_type("Q4_K").quantize_rows(torch.zeros(1, 300))
@@ -180,17 +181,17 @@ def test_registry_and_geometry():
 def test_sequential_sums_match_a_python_loop():
     """torch.sum as used for ggml's sequential float sums, on shapes big enough to be threaded."""
     gen = torch.Generator().manual_seed(3)
-    for cols in (64, 192, kq._col_align() * 40):
+    for cols in (64, 192, ss.col_align() * 40):
         p = torch.randn(33, cols, generator=gen) * torch.exp(torch.randn(33, cols, generator=gen) * 6)
         want = p[0].clone()
         for r in list(range(1, 16)) + list(range(17, 33)):
             want = want + p[r]
-        got = kq._sum33(p.clone())
+        got = ss.sum33(p.clone())
         assert torch.equal(got, want)
-        assert torch.equal(kq._sum_rows(p[:13]), kq._loop_sum(p[:13]))
+        assert torch.equal(ss.sum_rows(p[:13]), ss.loop_sum(p[:13]))
     # shapes the fast path cannot take fall back to the loop
     q = torch.randn(16, 100, generator=gen) * 1e6
-    assert torch.equal(kq._sum_rows(q), kq._loop_sum(q))
+    assert torch.equal(ss.sum_rows(q), ss.loop_sum(q))
 
 
 @pytest.mark.parametrize("qkx3", [False, True])
@@ -203,23 +204,23 @@ def test_qkx_fast_path_agrees_with_exact_path(qkx3):
     x[16:20, ::7] = 0.0
     X34 = kq._superblocks_pos_major(x, 32, 34)
     X = X34[1:].reshape(33, -1)
-    data = kq._ungap33(X)
+    data = ss.ungap33(X)
     W = X.abs() + 0.01
-    sum_w, sum_x = kq._sum33(W.clone()), kq._sum33(W * X)
+    sum_w, sum_x = ss.sum33(W.clone()), ss.sum33(W * X)
     args = (X, W, data.amin(0), data.amax(0), sum_w, sum_x, 15, -0.9, 0.05, 36, qkx3)
-    fast, _ = kq._make_qkx(*args)
-    exact, _ = kq._make_qkx(*args, exact=True)
+    fast, _ = ss.make_qkx(*args)
+    exact, _ = ss.make_qkx(*args, exact=True)
     assert torch.equal(fast.scale, exact.scale)
     assert torch.equal(fast.the_min, exact.the_min)
-    assert torch.equal(kq._qkx_levels(X, fast, 15, qkx3, False), kq._qkx_levels(X, exact, 15, qkx3, True))
+    assert torch.equal(ss.qkx_levels(X, fast, 15, qkx3, False), ss.qkx_levels(X, exact, 15, qkx3, True))
 
 
 def test_nearest_int_emulation():
     v = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.49999, -7.5, 4194303.0, 1e9, float("inf")])
     want = [0, 2, 2, 0, -2, 3, -8, 4194303]
-    assert kq._nearest_int_bits(v)[:8].tolist() == want
+    assert ss.nearest_int_bits(v)[:8].tolist() == want
     # outside the trick's range ggml gets wrapped garbage, not a saturated value
-    assert kq._nearest_int_bits(v)[8].item() != 1_000_000_000
+    assert ss.nearest_int_bits(v)[8].item() != 1_000_000_000
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
@@ -228,7 +229,7 @@ def test_flagged_blocks_are_redone_exactly(ref, qtype, monkeypatch):
     rows = torch.from_numpy(ref["n512/heavy_tailed/input"])
     im = torch.from_numpy(ref["n512/imatrix_random"])
     want = [ggml_type(qtype).quantize_rows(rows, imatrix) for imatrix in (None, im)]
-    real = kq._make_qkx
+    real = ss.make_qkx
     calls = []
 
     def flag_every_other(*args, exact=False):
@@ -239,7 +240,7 @@ def test_flagged_blocks_are_redone_exactly(ref, qtype, monkeypatch):
         calls.append(exact)
         return res, flagged
 
-    monkeypatch.setattr(kq, "_make_qkx", flag_every_other)
+    monkeypatch.setattr(ss, "make_qkx", flag_every_other)
     got = [ggml_type(qtype).quantize_rows(rows, imatrix) for imatrix in (None, im)]
     assert True in calls
     for g, w in zip(got, want):
@@ -264,10 +265,10 @@ needs_compiler = pytest.mark.skipif(
 @pytest.fixture
 def fresh_fused_caches():
     """Forget which kernels were compiled and checked, before and after the test."""
-    kq._fused_candidate_step.cache_clear()
+    ss.fused_candidate_step.cache_clear()
     kquant_fused.compiled_qkx_candidate.cache_clear()
     yield
-    kq._fused_candidate_step.cache_clear()
+    ss.fused_candidate_step.cache_clear()
     kquant_fused.compiled_qkx_candidate.cache_clear()
 
 
@@ -308,7 +309,7 @@ def test_fused_kernel_matches_eager_search_bit_for_bit():
     """The self-check the encoder runs before trusting the kernel, on blocks that probe the edges."""
     step = kquant_fused.compiled_qkx_candidate()
     assert step is not None
-    assert kq._fused_matches_eager(step, kquant_fused.bucket_superblocks())
+    assert ss.fused_matches_eager(step, kquant_fused.bucket_superblocks())
 
 
 def test_a_kernel_that_disagrees_is_not_used(ref, fresh_fused_caches, monkeypatch, caplog):
@@ -320,7 +321,7 @@ def test_a_kernel_that_disagrees_is_not_used(ref, fresh_fused_caches, monkeypatc
         return out
 
     monkeypatch.setattr(kquant_fused, "compiled_qkx_candidate", lambda: off_by_one_ulp)
-    assert kq._fused_candidate_step(kquant_fused.bucket_superblocks()) is None
+    assert ss.fused_candidate_step(kquant_fused.bucket_superblocks()) is None
     assert "fused K-quant kernel not used" in caplog.text
     # more than a bucket: the kernel would have run here; the eager search gives ggml's bytes
     reps = -(-kquant_fused.bucket_superblocks() // 48) + 1  # 24 rows of 2 super-blocks each
@@ -331,7 +332,7 @@ def test_a_kernel_that_disagrees_is_not_used(ref, fresh_fused_caches, monkeypatc
 def test_fused_kernel_can_be_switched_off(fresh_fused_caches, monkeypatch):
     monkeypatch.setenv("IDEOQUANT_FUSED", "0")
     assert kquant_fused.compiled_qkx_candidate() is None
-    assert kq._fused_candidate_step(kquant_fused.bucket_superblocks()) is None
+    assert ss.fused_candidate_step(kquant_fused.bucket_superblocks()) is None
 
 
 def test_compile_failure_falls_back_to_eager(fresh_fused_caches, monkeypatch, caplog):

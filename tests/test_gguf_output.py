@@ -11,11 +11,12 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf import quants as gguf_quants
 
-from ideoquant.convert import ConvertOptions, convert
-from ideoquant.formats.ggml import ggml_type
-from ideoquant.inventory import expected_tensors
-from ideoquant.recipe import gguf_tensor_types
-from ideoquant.source import open_source
+from ideoquant.codecs.ggml.registry import ggml_type
+from ideoquant.export.convert import convert
+from ideoquant.export.options import ConvertOptions
+from ideoquant.io.source import open_source
+from ideoquant.model.inventory import expected_tensors
+from ideoquant.recipes.gguf_policy import gguf_tensor_types
 
 from .conftest import DATA, gguf_files
 
@@ -128,7 +129,7 @@ def test_diffusers_layout_source_gives_identical_tensor_data(tiny_fp8, tiny_fp8_
 
 
 def test_k_quant_policy_falls_back_for_short_rows():
-    from ideoquant.synth import TINY
+    from ideoquant.io.synthetic import TINY
 
     choices = {c.name: c for c in gguf_tensor_types(TINY, "q4_k")}
     assert choices["input_proj.weight"].qtype == QT.Q8_0  # rows of 128 cannot hold a 256 block
@@ -143,7 +144,8 @@ def test_importance_matrix_paths(tiny_fp8, tmp_path):
     """--imatrix ones is stable-diffusion.cpp's encoding, --imatrix STATS uses E[x^2] per
     input channel, and a linear without statistics (the uncond llm_cond_proj) falls back
     to the plain path; every tensor's bytes equal the encoder's for the same weights."""
-    from ideoquant.calibrate import calibrate, load_importance
+    from ideoquant.calibrate.run import calibrate
+    from ideoquant.calibrate.statistics import load_importance
 
     stats = tmp_path / "stats.safetensors"
     calibrate(tiny_fp8, stats, synthetic=True, steps=2, resolution=64, synthetic_inputs=2, text_tokens=8,

@@ -9,24 +9,31 @@ import pytest
 import torch
 from torch import nn
 
-from ideoquant.calibrate import calibrate, load_source_transformer, load_statistics, residual_gains, synthetic_calls
-from ideoquant.convert import ConvertOptions, Progress
-from ideoquant.errors import IdeoquantError
-from ideoquant.recipe import one_row_linears
-from ideoquant.formats.int8 import RECIPE_METADATA_KEY, write_int8_branch, write_int8_folder
-from ideoquant.inventory import layout_modules
-from ideoquant.runtime.int8 import (
-    Int8Linear,
+from ideoquant.calibrate.inputs import synthetic_calls
+from ideoquant.calibrate.run import calibrate
+from ideoquant.calibrate.source_model import load_source_transformer
+from ideoquant.calibrate.statistics import load_statistics, residual_gains
+from ideoquant.codecs.int8 import (
     _int_mm_fallback,
     int8_matmul,
-    load_int8_transformer,
     quantize_per_token,
     quantize_weight_per_channel,
 )
-from ideoquant.smoothing import Int8Settings, plan_int8
-from ideoquant.source import SafetensorsFile, open_source
-from ideoquant.synth import write_synthetic_pipeline
-from ideoquant.writers.files import OutputSet
+from ideoquant.errors import IdeoquantError
+from ideoquant.export.int8_branch import (
+    RECIPE_METADATA_KEY,
+    write_int8_branch,
+    write_int8_folder,
+)
+from ideoquant.export.options import ConvertOptions, Progress
+from ideoquant.export.smoothing import Int8Settings, plan_int8
+from ideoquant.io.safetensors_reader import SafetensorsFile
+from ideoquant.io.source import open_source
+from ideoquant.io.staging import OutputSet
+from ideoquant.io.synthetic import write_synthetic_pipeline
+from ideoquant.model.inventory import layout_modules
+from ideoquant.recipes.linears import one_row_linears
+from ideoquant.runtime.int8_loader import Int8Linear, load_int8_transformer
 
 CALIB = dict(synthetic=True, steps=3, resolution=64, synthetic_inputs=3, text_tokens=8, max_samples=96, quiet=True)
 # 13 token linears per branch at 2 blocks: protecting 2 is the paper's share (17 of 173).

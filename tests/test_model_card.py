@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from ideoquant.convert import ConvertOptions, convert
-from ideoquant.model_card import compact_modules, parse_file_table, recipe_lines
-from ideoquant.report import human_bytes
+from ideoquant.export.convert import convert
+from ideoquant.export.model_card import compact_modules, parse_file_table, recipe_lines
+from ideoquant.export.options import ConvertOptions
+from ideoquant.export.report import human_bytes
 
 SOURCE_CARD = """---
 license: other
@@ -140,7 +141,7 @@ def test_a_failed_card_leaves_no_outputs(tiny_fp8, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("template failure")
 
-    monkeypatch.setattr("ideoquant.model_card.render_card", broken)
+    monkeypatch.setattr("ideoquant.export.model_card.render_card", broken)
     with pytest.raises(RuntimeError):
         convert(str(tiny_fp8), ConvertOptions(fmt="q8_0", out=tmp_path, quiet=True))
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -199,7 +200,7 @@ def test_a_built_wheel_carries_the_card_template_and_prompt_sets(tmp_path):
     modules = {p.relative_to(root).as_posix() for p in (root / "ideoquant").rglob("*.py")}
     assert modules <= names, f"missing from the wheel: {sorted(modules - names)}"
     probe = (
-        "import ideoquant.model_card as m, ideoquant.prompts as p; "
+        "import ideoquant.export.model_card as m, ideoquant.calibrate.prompts as p; "
         "print(m.TEMPLATE_PATH.read_text()[:3]); print(len(p.load_prompts(p.PROMPTS_DIR / 'calibration.jsonl')))"
     )
     out = subprocess.run(

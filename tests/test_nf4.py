@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
+from ideoquant.codecs import nf4
 from ideoquant.errors import IdeoquantError
-from ideoquant.formats import nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")

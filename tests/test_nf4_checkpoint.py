@@ -12,24 +12,30 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from ideoquant import cli
-from ideoquant.convert import ConvertOptions, Progress, convert
+from ideoquant.codecs.nf4 import dequantize_nf4, parse_nf4_serialized, quantize_nf4
 from ideoquant.errors import IdeoquantError
-from ideoquant.formats.gguf import relative_error
-from ideoquant.formats.nf4 import dequantize_nf4, parse_nf4_serialized, quantize_nf4
-from ideoquant.formats import nf4_checkpoint
-from ideoquant.formats.nf4_checkpoint import (
+from ideoquant.export import nf4_branch as nf4_checkpoint
+from ideoquant.export.convert import convert
+from ideoquant.export.error_meter import relative_error
+from ideoquant.export.nf4_branch import (
     AbsmaxMean,
     BlockStream,
     NF4Encoder,
     quantization_config,
     write_nf4_branch,
 )
-from ideoquant.inventory import expected_tensors, to_canonical_name, to_layout_names
-from ideoquant.recipe import one_row_linears
-from ideoquant.runtime import load_transformer, velocity_inputs
-from ideoquant.runtime.nf4 import NF4Linear
-from ideoquant.source import open_source
-from ideoquant.writers.files import OutputSet
+from ideoquant.export.options import ConvertOptions, Progress
+from ideoquant.io.source import open_source
+from ideoquant.io.staging import OutputSet
+from ideoquant.model.inventory import (
+    expected_tensors,
+    to_canonical_name,
+    to_layout_names,
+)
+from ideoquant.model.sequence import velocity_inputs
+from ideoquant.recipes.linears import one_row_linears
+from ideoquant.runtime.nf4_loader import NF4Linear
+from ideoquant.runtime.pipeline import load_transformer
 
 from .test_runtime_gguf import assert_close_velocity, velocity
 
@@ -339,7 +345,7 @@ def test_cli_convert_then_verify(tiny_fp8, tmp_path):
 
 @pytest.mark.parametrize("case", ["fused-double", "all-double"])
 def test_fused_and_double_quant_folders_verify_against_the_source(outputs, tiny_fp8, case):
-    from ideoquant.verify import verify_folder
+    from ideoquant.export.verify import verify_folder
 
     section = verify_folder(outputs[case][0], str(tiny_fp8))
     stats = section["branches"]["transformer"]

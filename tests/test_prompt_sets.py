@@ -8,11 +8,11 @@ import subprocess
 import sys
 import unicodedata
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from ideoquant.errors import IdeoquantError
-from ideoquant.prompts import (
+from ideoquant.calibrate.prompts import (
     CATEGORIES,
     PROMPT_SET_NAMES,
     PROMPTS_DIR,
@@ -20,6 +20,7 @@ from ideoquant.prompts import (
     default_prompt_file,
     load_prompts,
 )
+from ideoquant.errors import IdeoquantError
 
 MIN_COUNTS = {"calibration": 128, "evaluation_quality": 200, "evaluation_text": 100}
 ID_PREFIX = {"calibration": "cal", "evaluation_quality": "evq", "evaluation_text": "evt"}
@@ -156,7 +157,7 @@ def test_first_lines_of_calibration_span_categories(sets):
 
 
 def test_generator_output_is_up_to_date():
-    script = PROMPTS_DIR / "make_prompts.py"
+    script = Path(__file__).resolve().parents[1] / "tools" / "make_prompts.py"
     result = subprocess.run(
         [sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60, check=False
     )

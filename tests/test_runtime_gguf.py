@@ -13,12 +13,14 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFWriter
 from gguf import quants as gguf_quants
 
+from ideoquant.codecs.ggml.registry import ggml_type
 from ideoquant.errors import IdeoquantError
-from ideoquant.formats.ggml import ggml_type
-from ideoquant.inventory import ModelDims, expected_tensors, to_layout_names
-from ideoquant.runtime import load_transformer, resident_bytes, velocity_inputs
-from ideoquant.runtime.common import QuantizedLinear
-from ideoquant.runtime.gguf import GGUFLinear
+from ideoquant.model.build import resident_bytes
+from ideoquant.model.inventory import ModelDims, expected_tensors, to_layout_names
+from ideoquant.model.sequence import velocity_inputs
+from ideoquant.runtime.gguf_loader import GGUFLinear
+from ideoquant.runtime.linear import QuantizedLinear
+from ideoquant.runtime.pipeline import load_transformer
 
 # Widths that fit 256-weight K-quant blocks everywhere except input_proj (rows of 128).
 DIMS = ModelDims(in_channels=128, hidden=256, head_dim=64, intermediate=512, adaln_dim=256, llm_features=256, num_layers=2)
@@ -318,7 +320,8 @@ def test_garbage_and_missing_paths_raise(tmp_path):
 
 def test_converter_output_loads(tmp_path, tiny_fp8):
     """Files written by `ideoquant convert` load per branch from their folder."""
-    from ideoquant.convert import ConvertOptions, convert
+    from ideoquant.export.convert import convert
+    from ideoquant.export.options import ConvertOptions
 
     out = tmp_path / "q8_0"
     convert(str(tiny_fp8), ConvertOptions(fmt="q8_0", out=out, quiet=True))

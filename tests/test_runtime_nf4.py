@@ -11,14 +11,25 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ideoquant.codecs.nf4 import (
+    double_quantize_absmax,
+    nf4_serialized_tensors,
+    quantize_nf4,
+)
 from ideoquant.errors import IdeoquantError
-from ideoquant.formats.nf4 import double_quantize_absmax, nf4_serialized_tensors, quantize_nf4
-from ideoquant.inventory import ModelDims, expected_tensors, to_layout_names
-from ideoquant.runtime import load_transformer, resident_bytes, velocity_inputs
-from ideoquant.runtime.common import DenseLinear
-from ideoquant.runtime.nf4 import NF4Linear
+from ideoquant.model.build import resident_bytes
+from ideoquant.model.inventory import ModelDims, expected_tensors, to_layout_names
+from ideoquant.model.sequence import velocity_inputs
+from ideoquant.runtime.linear import DenseLinear
+from ideoquant.runtime.nf4_loader import NF4Linear
+from ideoquant.runtime.pipeline import load_transformer
 
-from .test_runtime_gguf import assert_close_velocity, assert_linears_run_off_cpu, synthetic_tensors, velocity
+from .test_runtime_gguf import (
+    assert_close_velocity,
+    assert_linears_run_off_cpu,
+    synthetic_tensors,
+    velocity,
+)
 
 DIMS = ModelDims(in_channels=128, hidden=256, head_dim=64, intermediate=512, adaln_dim=256, llm_features=256, num_layers=2)
 # Widths whose q/k/v row boundaries and tensor ends fall inside 64-weight blocks (and that avoid
@@ -254,8 +265,9 @@ def test_bad_folders_raise_one_line_errors(nf4_folders, tmp_path, tensors, confi
 @pytest.mark.parametrize("layout, double_quant", [("diffusers", False), ("fused", True)])
 def test_converter_output_loads(tmp_path, tiny_fp8, layout, double_quant):
     """Folders written by `ideoquant convert --format nf4` load and match bitsandbytes' decoding."""
-    pytest.importorskip("ideoquant.formats.nf4_checkpoint")
-    from ideoquant.convert import ConvertOptions, convert
+    pytest.importorskip("ideoquant.export.nf4_branch")
+    from ideoquant.export.convert import convert
+    from ideoquant.export.options import ConvertOptions
 
     out = tmp_path / "nf4"
     convert(str(tiny_fp8), ConvertOptions(fmt="nf4", out=out, branches="uncond", layout=layout, double_quant=double_quant, quiet=True))

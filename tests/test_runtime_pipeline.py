@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ideoquant.errors import IdeoquantError
-from ideoquant.inventory import ModelDims
-from ideoquant.runtime import branch_paths, load_pipeline, load_transformer
-from ideoquant.runtime.gguf import GGUFLinear
-from ideoquant.runtime.nf4 import NF4Linear
+from ideoquant.model.inventory import ModelDims
+from ideoquant.runtime.gguf_loader import GGUFLinear
+from ideoquant.runtime.nf4_loader import NF4Linear
+from ideoquant.runtime.pipeline import branch_paths, load_pipeline, load_transformer
 
 from .test_runtime_gguf import gguf_entries, reference_model, write_gguf
 from .test_runtime_nf4 import write_nf4_branch
@@ -37,11 +37,15 @@ CALL = dict(
 def tiny_base_pipeline(folder: Path) -> Path:
     """Text encoder (Qwen3-VL, 36 layers of width 16), tokenizer with a chat template, VAE and
     scheduler saved as a pipeline folder; its transformer folders are removed afterwards."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Ideogram4Pipeline,
+    )
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLModel
 
-    from ideoquant.runtime.common import build_meta_transformer
+    from ideoquant.model.build import build_meta_transformer
 
     torch.manual_seed(0)
     text = dict(
@@ -153,7 +157,7 @@ def test_bad_base_raises(gguf_out, tmp_path):
 
 
 def test_int8_folders_go_to_the_int8_loader(tmp_path, monkeypatch):
-    import ideoquant.runtime.int8 as int8
+    import ideoquant.runtime.int8_loader as int8
 
     calls = []
     monkeypatch.setattr(int8, "load_int8_transformer", lambda folder, device, dtype: calls.append((folder, device, dtype)) or "model")

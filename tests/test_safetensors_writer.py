@@ -10,8 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from ideoquant.errors import IdeoquantError
-from ideoquant.writers.files import OutputSet
-from ideoquant.writers.safetensors import PlannedTensor, ShardedSafetensorsOutput, weight_group
+from ideoquant.io.safetensors_writer import (
+    PlannedTensor,
+    ShardedSafetensorsOutput,
+    weight_group,
+)
+from ideoquant.io.staging import OutputSet
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ideoquant.calibrate import calibrate, statistics_key, synthetic_calls, transformer_from_tensors
-from ideoquant.recipe import one_row_linears
-from ideoquant.runtime.int8 import quantize_per_token, quantize_weight_per_channel
-from ideoquant.smoothing import Int8Settings, plan_int8, smoothing_factors, smoothing_groups, w8a8_relative_error
-from ideoquant.source import open_source
-from ideoquant.synth import write_synthetic_pipeline
+from ideoquant.calibrate.inputs import synthetic_calls
+from ideoquant.calibrate.run import calibrate
+from ideoquant.calibrate.source_model import transformer_from_tensors
+from ideoquant.calibrate.statistics import statistics_key
+from ideoquant.codecs.int8 import quantize_per_token, quantize_weight_per_channel
+from ideoquant.export.smoothing import (
+    Int8Settings,
+    plan_int8,
+    smoothing_factors,
+    w8a8_relative_error,
+)
+from ideoquant.io.source import open_source
+from ideoquant.io.synthetic import write_synthetic_pipeline
+from ideoquant.recipes.linears import one_row_linears
+from ideoquant.recipes.smoothquant_map import smoothing_groups
 
 CALIB = dict(synthetic=True, steps=3, resolution=64, synthetic_inputs=3, text_tokens=8, max_samples=96, quiet=True)
 

@@ -10,9 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ideoquant.errors import IdeoquantError
-from ideoquant.inventory import ModelDims, expected_tensors, linear_specs, to_layout_names
-from ideoquant.source import open_source
-from ideoquant.synth import write_synthetic_pipeline
+from ideoquant.io.source import open_source
+from ideoquant.io.synthetic import write_synthetic_pipeline
+from ideoquant.model.inventory import (
+    ModelDims,
+    expected_tensors,
+    linear_specs,
+    to_layout_names,
+)
 
 
 def test_real_inventory_counts():

@@ -13,15 +13,16 @@ import torch
 from click.testing import CliRunner
 
 from ideoquant import cli
-from ideoquant.convert import BranchResult, ConvertOptions, TensorReport, convert
+from ideoquant.codecs.nf4 import dequantize_nf4, nf4_serialized_tensors, quantize_nf4
 from ideoquant.errors import IdeoquantError
-from ideoquant.formats.gguf import relative_error
-from ideoquant.formats.nf4 import dequantize_nf4, nf4_serialized_tensors, quantize_nf4
-from ideoquant.inventory import to_layout_names
-from ideoquant.model_card import parse_file_table
-from ideoquant.publish import publish_folder
-from ideoquant.verify import verify_folder
-from ideoquant.writers.safetensors import save_safetensors
+from ideoquant.export.convert import convert
+from ideoquant.export.error_meter import relative_error
+from ideoquant.export.model_card import parse_file_table
+from ideoquant.export.options import BranchResult, ConvertOptions, TensorReport
+from ideoquant.export.publish import publish_folder
+from ideoquant.export.verify import verify_folder
+from ideoquant.io.safetensors_writer import save_safetensors
+from ideoquant.model.inventory import to_layout_names
 
 from .test_model_card import licensed_source
 
@@ -67,7 +68,7 @@ def flip_byte(path: Path, offset: int) -> None:
 
 def restamp(folder: Path, name: str) -> None:
     """Rewrite the card's and report's size/sha256 of one file, as if they had been made for it."""
-    from ideoquant.model_card import file_entry
+    from ideoquant.export.model_card import file_entry
 
     entry = file_entry(folder / name, folder)
     report_path = folder / "quantization_report.json"
@@ -143,7 +144,7 @@ def test_structure_damage_is_caught_without_source(copy):
 
 
 def test_other_source_is_refused(copy, tiny_fp8, tmp_path):
-    from ideoquant.synth import write_synthetic_pipeline
+    from ideoquant.io.synthetic import write_synthetic_pipeline
 
     other = tmp_path / "other"
     write_synthetic_pipeline(other, size="tiny", seed=7)
@@ -196,7 +197,7 @@ def fake_folder_writer(bs, source, options, outputs, progress) -> BranchResult:
 @pytest.fixture(scope="module", params=["int8", "nf4"])
 def folder_output(request, converted, tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setattr("ideoquant.convert.branch_writer", lambda fmt: fake_folder_writer)
+    mp.setattr("ideoquant.export.convert.branch_writer", lambda fmt: fake_folder_writer)
     out = tmp_path_factory.mktemp(request.param)
     try:
         convert(str(converted[0]), ConvertOptions(fmt=request.param, out=out, quiet=True, base_model="ideogram-ai/ideogram-4-fp8"))
@@ -233,7 +234,7 @@ def test_folder_output_without_quantization_config_fails(folder_output, tmp_path
 def test_int8_conversion_verifies_against_its_source(converted, tmp_path):
     from huggingface_hub import ModelCard
 
-    from ideoquant.calibrate import calibrate
+    from ideoquant.calibrate.run import calibrate
 
     src = converted[0]
     stats = tmp_path / "stats.safetensors"
@@ -358,8 +359,8 @@ def test_dry_run_lists_files_with_sizes_and_uploads_nothing(copy, monkeypatch):
 
 
 def test_stored_factors_are_checked_before_use():
-    from ideoquant.inventory import ModelDims
-    from ideoquant.smoothing import recipe_from_factors
+    from ideoquant.export.smoothing import recipe_from_factors
+    from ideoquant.model.inventory import ModelDims
 
     dims = ModelDims(hidden=256, head_dim=64, intermediate=768, adaln_dim=256, llm_features=512, num_layers=2)
     ok = {"layers.0.attention.qkv": torch.ones(256), "layers.1.feed_forward.w2": torch.full((768,), 2.0)}
@@ -377,8 +378,8 @@ def test_stored_factors_are_checked_before_use():
 
 
 def test_smoothquant_folds_are_left_out_of_the_source_comparison():
-    from ideoquant.inventory import ModelDims
-    from ideoquant.verify import smoothed_tensors
+    from ideoquant.export.verify import smoothed_tensors
+    from ideoquant.model.inventory import ModelDims
 
     dims = ModelDims(hidden=256, head_dim=64, intermediate=768, adaln_dim=256, llm_features=512, num_layers=2)
     alphas = {"layers.0.attention.o": 0.5, "layers.1.feed_forward.w1+w3": 0.6, "llm_cond_proj": None}

@@ -6,7 +6,9 @@
     pipe = load_pipeline("out/", base="ideogram-ai/ideogram-4-fp8", device="cuda")
 """
 
-from .common import QuantizedLinear, resident_bytes, velocity_inputs
+from ..model.build import resident_bytes
+from ..model.sequence import velocity_inputs
+from .linear import QuantizedLinear
 from .pipeline import branch_paths, load_pipeline, load_transformer, locate_branch
 
 __all__ = [

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import IdeoquantError
-from ..inventory import BRANCHES
-from .common import normalize_branch
+from ..model.inventory import BRANCHES, normalize_branch
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def _folder_kind(folder: Path) -> str:
 
 
 def _gguf_in_folder(folder: Path, branch: str | None) -> BranchLocation:
-    from .gguf import gguf_branch
+    from .gguf_loader import gguf_branch
 
     files = sorted(folder.glob("*.gguf"))
     wanted = branch or "transformer"
@@ -103,14 +102,14 @@ def load_transformer(
     """
     loc = locate_branch(path, branch)
     if loc.kind == "gguf":
-        from .gguf import load_gguf_transformer
+        from .gguf_loader import load_gguf_transformer
 
         return load_gguf_transformer(loc.path, loc.branch, device=device, dtype=dtype)
     if loc.kind == "nf4":
-        from .nf4 import load_nf4_transformer
+        from .nf4_loader import load_nf4_transformer
 
         return load_nf4_transformer(loc.path, device=device, dtype=dtype)
-    from .int8 import load_int8_transformer
+    from .int8_loader import load_int8_transformer
 
     return load_int8_transformer(loc.path, device, dtype)
 

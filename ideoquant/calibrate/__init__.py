@@ -1,0 +1,1 @@
+"""Calibration: statistics file, forward hooks, inputs, distributed reduction and the run itself."""

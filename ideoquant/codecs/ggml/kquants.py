@@ -1,0 +1,399 @@
+"""ggml's K-quants: Q4_K, Q5_K and Q6_K super-blocks of 256 weights.
+
+Encoders byte-identical to ggml's `quantize_row_<type>_ref` (no importance matrix) and
+`_impl` (with one); decoders bit-equal to gguf-py's. The float32 rules that make them exact
+and the position-major layout they work in are described in `scale_search`.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+
+from . import fused_kernel
+from .base import GGMLType, fp16_bytes, fp16_from_bytes
+from .scale_search import (
+    GROUP_MAX_EPS,
+    INNER_CHUNK_WEIGHTS,
+    NEAREST_INT_LIMIT,
+    QK_K,
+    VEC_COLS,
+    chunk_ranges,
+    col_align,
+    cpu32,
+    exact_div,
+    exact_sqrt,
+    fp16_round,
+    fused_candidate_step,
+    fused_search_available,
+    gapped33,
+    make_qkx_all,
+    make_qp,
+    make_qx,
+    nearest_int_bits,
+    round_up,
+    sum33,
+    sum_rows,
+    ungap33,
+)
+
+_F32 = torch.float32
+
+# --------------------------------------------------------------------------------------------
+# Q4_K / Q5_K shared pieces: 6-bit scale packing and position-major super-block layout.
+# --------------------------------------------------------------------------------------------
+
+
+def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """ggml's 12-byte packing of 8 (scale, min) pairs; ls, lm: int32 [8, nsb] (uint8 values).
+
+    Returns int32 [12, nsb] byte values."""
+    q = torch.zeros((12,) + tuple(ls.shape[1:]), dtype=torch.int32)
+    q[0:4] = ls[0:4]
+    q[4:8] = lm[0:4]
+    q[8:12] = (ls[4:8] & 0xF) | ((lm[4:8] & 0xF) << 4)
+    q[0:4] |= (ls[4:8] >> 4) << 6
+    q[4:8] |= (lm[4:8] >> 4) << 6
+    return q & 0xFF
+
+
+def _unpack_scales_k4(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """get_scale_min_k4 for j = 0..7; q: int [12, n] -> (sc, m) int [8, n]."""
+    sc = torch.cat([q[0:4] & 63, (q[8:12] & 0xF) | ((q[0:4] >> 6) << 4)], dim=0)
+    m = torch.cat([q[4:8] & 63, (q[8:12] >> 4) | ((q[4:8] >> 6) << 4)], dim=0)
+    return sc, m
+
+
+def _superblocks_pos_major(x: torch.Tensor, sub: int, rows: int) -> torch.Tensor:
+    """x [nsb, 256] -> [rows, 256//sub, nsb] position-major; for sub == 32 gapped (rows 33/34)."""
+    nsb = x.shape[0]
+    # A plain 2-D transpose first, then whole rows move: several times faster than copying
+    # the 3-D permuted view, whose innermost dimension jumps 256 floats at a time.
+    t = x.t().contiguous().view(QK_K // sub, sub, nsb).permute(1, 0, 2)  # [sub, nsub, nsb]
+    if sub == 16:
+        return t.contiguous()
+    return gapped33(t, rows)
+
+
+def _fit_k32(
+    X34: torch.Tensor, qw34: torch.Tensor | None, nmax: int, ref: tuple[float, float, int], impl_params
+):
+    """Scale search of Q4_K/Q5_K. X34: [34, 8, nsb] gapped with a leading slot row.
+
+    Returns (scales [8, nsb], mins [8, nsb], levels (see make_qkx_all), sw [8, nsb] or None).
+    Note: `sum33` overwrites the scratch row of its argument, which holds no data."""
+    nsb = X34.shape[2]
+    B = 8 * nsb
+    X = X34[1:].view(33, B)
+    XT = X34[1:].view(33, 8, nsb)
+    xmin = torch.minimum(XT[:16].amin(0), XT[17:].amin(0)).view(B)
+    xmax = torch.maximum(XT[:16].amax(0), XT[17:].amax(0)).view(B)
+    if qw34 is None:
+        sq = X * X
+        sum_x2 = sum33(sq)  # per sub-block
+        av_x = exact_sqrt(sum_x2 / 32)
+        W = torch.abs(X, out=fused_kernel.padded_rows(33, (B,))).add_(av_x)
+        sw = None
+        rmin, rdelta, nstep = ref
+        qkx3 = False
+    else:
+        # sigma2 = 2*sum_x2/QK_K over the whole super-block, accumulated sequentially.
+        sq = X34 * X34  # [34, 8, nsb]
+        s = torch.zeros(nsb, dtype=_F32)
+        for j in range(8):
+            sq[0, j] = s
+            sum_rows(sq[0:17, j], sq[17, j])
+            s = sum_rows(sq[17:34, j])
+        sigma2 = (2 * s) / QK_K
+        Xs = X * X
+        Xs.add_(sigma2.repeat(8))
+        W = torch.mul(qw34[1:].view(33, B), exact_sqrt(Xs), out=fused_kernel.padded_rows(33, (B,)))
+        sw = sum33(W).view(8, nsb)
+        rmin, rdelta, nstep = impl_params
+        qkx3 = True
+    sum_w = sw.view(B) if sw is not None else sum33(W)
+    sum_x = sum33(W * X)
+    scales, the_min, levels = make_qkx_all(X, W, xmin, xmax, sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
+    return scales.view(8, nsb), the_min.view(8, nsb), levels, sw
+
+
+def _nearest_int_clamped(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """MAX(lo, MIN(hi, nearest_int(v))) as float, in place on v where that is exact."""
+    lo_v, hi_v = torch.aminmax(v)
+    if bool((hi_v <= NEAREST_INT_LIMIT) & (lo_v >= -NEAREST_INT_LIMIT)):  # also False for NaN
+        return v.round_().clamp_(float(lo), float(hi))
+    return nearest_int_bits(v).clamp_(lo, hi).to(_F32)
+
+
+def _requant_k32(X: torch.Tensor, levels, d: torch.Tensor, dmin: torch.Tensor, sc, m, nmax: int):
+    """Final levels of Q4_K/Q5_K from the stored fp16 d/dmin and 6-bit sc/m.
+
+    Sub-blocks whose d*sc is 0 keep the levels of the scale search (ggml's `continue`)."""
+    dj = (fp16_round(d).unsqueeze(0) * sc.to(_F32)).view(-1)  # [B]
+    dmj = (fp16_round(dmin).unsqueeze(0) * m.to(_F32)).view(-1)
+    v = X + dmj
+    v.div_(dj)
+    skip = dj == 0
+    if bool(skip.any()):
+        v.masked_fill_(skip.unsqueeze(0), 0.0)
+        return torch.where(skip.unsqueeze(0), levels(), _nearest_int_clamped(v, 0, nmax))
+    return _nearest_int_clamped(v, 0, nmax)
+
+
+def _encode_k32(x: torch.Tensor, qw: torch.Tensor | None, five_bit: bool) -> torch.Tensor:
+    """Q4_K (five_bit=False) or Q5_K super-blocks: x, qw [nsb, 256] -> uint8 [nsb, 144|176]."""
+    nsb = x.shape[0]
+    nmax = 31 if five_bit else 15
+    X34 = _superblocks_pos_major(x, 32, 34)
+    qw34 = None if qw is None else _superblocks_pos_major(qw, 32, 34)
+    if five_bit:
+        ref = (-0.5, 0.1, 15)
+    else:
+        ref = (-1.0, 0.1, 20)
+    scales, mins, levels, sw = _fit_k32(X34, qw34, nmax, ref, (-0.9, 0.05, 36))
+
+    if qw is None:
+        zero = torch.zeros(nsb, dtype=_F32)
+        max_scale = scales.amax(0)
+        max_scale = torch.where(max_scale > 0, max_scale, zero)
+        max_min = mins.amax(0)
+        max_min = torch.where(max_min > 0, max_min, zero)
+        inv_scale = torch.where(max_scale > 0, exact_div(63.0, max_scale), zero)
+        inv_min = torch.where(max_min > 0, exact_div(63.0, max_min), zero)
+        ls = torch.clamp(nearest_int_bits(inv_scale * scales) & 0xFF, max=63)
+        lm = torch.clamp(nearest_int_bits(inv_min * mins) & 0xFF, max=63)
+        d = max_scale / 63
+        dmin = max_min / 63
+    else:
+        # make_qp_quants on the scales and on the mins, both at once.
+        dd, ll = make_qp(torch.cat([scales, mins], dim=1), torch.cat([sw, sw], dim=1), 63)
+        d, dmin = dd[:nsb], dd[nsb:]
+        ls, lm = ll[:, :nsb], ll[:, nsb:]
+        if five_bit:
+            ls = torch.clamp(ls, max=63)
+            lm = torch.clamp(lm, max=63)
+    q = _pack_scales_k4(ls, lm)
+    sc, m = _unpack_scales_k4(q)
+    X = X34[1:].view(33, -1)
+    L = _requant_k32(X, levels, d, dmin, sc, m, nmax)
+
+    Lb = ungap33(L).to(torch.uint8).view(32, 4, 2, nsb)  # [l, pair, half, nsb]
+    if five_bit:
+        qs = (Lb[:, :, 0] & 0xF) | ((Lb[:, :, 1] & 0xF) << 4)  # [32, 4, nsb]
+        hb = (Lb >> 4).view(32, 8, nsb).to(torch.int32)
+        qh = torch.zeros((32, nsb), dtype=torch.int32)
+        for j in range(8):
+            qh |= hb[:, j] << j
+        parts = [qh.to(torch.uint8).permute(1, 0), qs.permute(2, 1, 0).reshape(nsb, 128)]
+    else:
+        qs = Lb[:, :, 0] | (Lb[:, :, 1] << 4)
+        parts = [qs.permute(2, 1, 0).reshape(nsb, 128)]
+    head = [fp16_bytes(d), fp16_bytes(dmin), q.to(torch.uint8).permute(1, 0)]
+    return torch.cat(head + parts, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Q6_K
+# --------------------------------------------------------------------------------------------
+
+
+def _encode_q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    nsb = x.shape[0]
+    X3 = _superblocks_pos_major(x, 16, 16)  # [16, 16, nsb]
+    X = X3.view(16, -1)
+    if qw is None:
+        W = X * X
+    else:
+        W = _superblocks_pos_major(qw, 16, 16).view(16, -1)
+    scales, L = make_qx(X, W, 32, gapped=False)
+    scales = scales.view(16, nsb)
+    amax, arg = scales.abs().max(dim=0)
+    max_scale = scales.gather(0, arg.unsqueeze(0)).squeeze(0)
+    zero_sb = amax < GROUP_MAX_EPS
+    max_scale = torch.where(zero_sb, torch.ones_like(max_scale), max_scale)
+    iscale = exact_div(-128.0, max_scale)
+    d = exact_div(1.0, iscale)
+    sc = torch.clamp(nearest_int_bits(iscale * scales), max=127)  # [16, nsb]
+    dj = (fp16_round(d).unsqueeze(0) * sc.to(_F32)).view(-1)
+    skip = dj == 0  # ggml: `if (!d) continue;` keeps make_qx_quants' levels
+    v = X / dj
+    if bool(skip.any()):
+        v.masked_fill_(skip.unsqueeze(0), 0.0)
+        L = torch.where(skip.unsqueeze(0), L, _nearest_int_clamped(v, -32, 31).add_(32.0))
+    else:
+        L = _nearest_int_clamped(v, -32, 31).add_(32.0)
+
+    Lb = L.view(16, 16, nsb).permute(1, 0, 2).reshape(2, 4, 32, nsb).to(torch.uint8)  # [half, quarter, l, nsb]
+    lo = Lb & 0xF
+    ql = torch.cat([lo[:, 0] | (lo[:, 2] << 4), lo[:, 1] | (lo[:, 3] << 4)], dim=1)  # [2, 64, nsb]
+    hi = Lb >> 4
+    qh = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)  # [2, 32, nsb]
+    out = torch.cat(
+        [
+            ql.reshape(128, nsb).permute(1, 0),
+            qh.reshape(64, nsb).permute(1, 0),
+            sc.to(torch.int8).view(torch.uint8).permute(1, 0),
+            fp16_bytes(d),
+        ],
+        dim=1,
+    )
+    if bool(zero_sb.any()):  # ggml memsets an all-zero super-block
+        out.masked_fill_(zero_sb.unsqueeze(1), 0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------
+
+
+class _KQuant(GGMLType):
+    """Super-block types of QK_K = 256 weights."""
+
+    block_size = QK_K
+    uses_imatrix = True
+
+    @classmethod
+    def _encode(cls, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # Weights per inner chunk and thread (see INNER_CHUNK_WEIGHTS).
+    inner_chunk_weights: int = INNER_CHUNK_WEIGHTS
+    # Whether the scale search runs through the compiled kernel of `kquant_fused`.
+    fused_search: bool = False
+
+    @classmethod
+    def prepare(cls) -> None:
+        if cls.fused_search:
+            fused_search_available()
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        blocks = cpu32(blocks).reshape(-1, QK_K)
+        if weights is None:
+            return cls._encode_chunks(blocks, None)
+        weights = cpu32(weights).reshape(-1, QK_K)
+        return cls._encode_chunks(blocks, lambda a, b: weights[a:b])
+
+    @classmethod
+    def quantize_rows(cls, rows, imatrix=None):
+        m, k = rows.shape
+        if not cls.can_encode(k):
+            raise ValueError(f"{cls.__name__}: row length {k} is not a multiple of {cls.block_size}")
+        blocks = cpu32(rows).reshape(-1, QK_K)
+        if imatrix is None:
+            return cls._encode_chunks(blocks, None).reshape(m, -1)
+        # Super-block i of the chunk uses imatrix[(i % per_row)*256 : ...+256].
+        per_row = k // QK_K
+        qw_rows = cpu32(imatrix).reshape(per_row, QK_K)
+
+        def weights(a: int, b: int) -> torch.Tensor:
+            return qw_rows[torch.arange(a, b) % per_row]
+
+        return cls._encode_chunks(blocks, weights).reshape(m, -1)
+
+    @classmethod
+    def _encode_chunks(cls, blocks: torch.Tensor, weights) -> torch.Tensor:
+        """Encode [n, 256] super-blocks in inner chunks; weights(a, b) gives their importance."""
+        n = blocks.shape[0]
+        out = torch.empty((n, cls.type_size), dtype=torch.uint8)
+        threads = max(1, torch.get_num_threads())
+        big = col_align()
+        step = max(big, cls.inner_chunk_weights * threads // QK_K // big * big)
+        bucket = fused_kernel.bucket_superblocks()
+        fused = cls.fused_search and n >= bucket // 4 and fused_candidate_step(bucket) is not None
+        if fused:
+            step = bucket  # the compiled kernel takes buckets of exactly this size
+        for a, b in chunk_ranges(n, step):
+            nb = b - a
+            if fused and nb >= bucket // 4:
+                npad = bucket  # a short last chunk is still faster padded through the kernel
+            else:
+                # Pad to whole vector groups of columns so that the sums stay on torch's fast path.
+                npad = round_up(nb, VEC_COLS if nb < big else big)
+            x = blocks[a:b]
+            qw = None if weights is None else weights(a, b)
+            if npad != nb:
+                x = torch.cat([x, x.new_zeros(npad - nb, QK_K)])
+                if qw is not None:
+                    qw = torch.cat([qw, qw.new_zeros(npad - nb, QK_K)])
+            out[a:b] = cls._encode(x.contiguous(), None if qw is None else qw.contiguous())[:nb]
+        return out
+
+
+def _k4_scales_and_mins(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d*sc and dmin*m of each sub-block of Q4_K/Q5_K blocks [n, type_size]: float32 [n, 8, 1]."""
+    d = fp16_from_bytes(blocks[:, 0:2])
+    dmin = fp16_from_bytes(blocks[:, 2:4])
+    sc, m = _unpack_scales_k4(blocks[:, 4:16].to(torch.int32).permute(1, 0))
+    return (d * sc.permute(1, 0).to(_F32)).unsqueeze(-1), (dmin * m.permute(1, 0).to(_F32)).unsqueeze(-1)
+
+
+class Q4_K(_KQuant):
+    """144 bytes per 256 weights: fp16 d, dmin; 8 6-bit (scale, min); 256 4-bit levels."""
+
+    qtype = GGMLQuantizationType.Q4_K
+    type_size = 144
+    fused_search = True
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_k32(x, qw, five_bit=False)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        dl, ml = _k4_scales_and_mins(blocks)
+        qs = blocks[:, 16:].reshape(n, 4, 1, 32)
+        q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).to(_F32)
+        return (dl * q - ml).reshape(n, QK_K)
+
+
+class Q5_K(_KQuant):
+    """176 bytes per 256 weights: as Q4_K plus a fifth bit per weight in qh."""
+
+    qtype = GGMLQuantizationType.Q5_K
+    type_size = 176
+    fused_search = True
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_k32(x, qw, five_bit=True)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        dl, ml = _k4_scales_and_mins(blocks)
+        qh = blocks[:, 16:48].reshape(n, 1, 32)
+        qs = blocks[:, 48:].reshape(n, 4, 1, 32)
+        lo = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32)
+        shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(1, 8, 1)
+        hi = (qh >> shifts) & 1
+        q = (lo | (hi << 4)).to(_F32)
+        return (dl * q - ml).reshape(n, QK_K)
+
+
+class Q6_K(_KQuant):
+    """210 bytes per 256 weights: 6-bit levels (ql, qh), 16 int8 scales, fp16 d."""
+
+    qtype = GGMLQuantizationType.Q6_K
+    type_size = 210
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_q6_k(x, qw)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        ql = blocks[:, 0:128].reshape(n, 2, 1, 64)
+        qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
+        sc = blocks[:, 192:208].contiguous().view(torch.int8).to(_F32)
+        d = fp16_from_bytes(blocks[:, 208:210])
+        dl = (d * sc).reshape(n, 16, 1)
+        lo = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(n, 2, 4, 32)
+        shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
+        hi = (qh >> shifts) & 3  # [n, 2, 4, 32]
+        q = ((lo | (hi << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(_F32)
+        return (dl * q).reshape(n, QK_K)
+

@@ -1,0 +1,1 @@
+"""Export: the convert pipeline and one branch writer per file kind; then card, verify, publish, inspect, compare."""

@@ -1,0 +1,73 @@
+"""The convert pipeline: source -> (calibration, smoothing) -> quantize -> write -> verify -> card.
+
+Each format supplies one branch writer with the signature of `BranchWriter`; this module
+runs it for every selected branch, inside one `OutputSet` so that a failure anywhere
+leaves no finished-looking output behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from ..errors import IdeoquantError
+from ..io.memory import reuse_freed_memory
+from ..io.source import open_source
+from ..io.staging import OutputSet
+from ..recipes.formats import ALL_FORMATS, is_gguf_format
+from .options import BranchResult, BranchWriter, ConvertOptions, Progress
+
+log = logging.getLogger("ideoquant")
+
+
+def branch_writer(fmt: str) -> BranchWriter:
+    """The branch writer of a format."""
+    if is_gguf_format(fmt):
+        from .gguf_branch import write_gguf_branch
+
+        return write_gguf_branch
+    if fmt == "int8":
+        from .int8_branch import write_int8_branch
+
+        return write_int8_branch
+    if fmt == "nf4":
+        from .nf4_branch import write_nf4_branch
+
+        return write_nf4_branch
+    raise IdeoquantError(f"unknown format {fmt!r}; choose one of {', '.join(ALL_FORMATS)}")
+
+
+def convert(src: str, options: ConvertOptions, on_branch_done: Callable[[BranchResult], None] | None = None) -> list[BranchResult]:
+    """Convert the selected branches of SRC to one format under options.out."""
+    writer = branch_writer(options.fmt)
+    reuse_freed_memory()
+    source = open_source(src, options.branches)
+    outputs = OutputSet(overwrite=options.overwrite)
+    results: list[BranchResult] = []
+    # Hash the sources in the background: the second branch's checksum is ready by the
+    # time its header is written (hashing releases the GIL).
+    threading.Thread(target=lambda: [bs.checksum() for bs in source.branches.values()], daemon=True).start()
+    try:
+        for branch, bs in source.branches.items():
+            t0 = time.perf_counter()
+            progress = Progress(branch, sum(bs.stored_nbytes(n) for n in bs.specs), options.quiet)
+            try:
+                result = writer(bs, source, options, outputs, progress)
+            finally:
+                progress.close()
+            result.seconds = time.perf_counter() - t0
+            result.weights = bs.total_weights
+            results.append(result)
+            if on_branch_done:
+                on_branch_done(result)
+        from .model_card import write_model_card
+
+        write_model_card(source, options, results, outputs)
+    except BaseException:
+        outputs.discard()
+        raise
+    return results
+
+

@@ -1,0 +1,175 @@
+"""GGUF output: one file per branch, bare fused names, written streaming, then verified.
+
+Layout rules every GGUF reader of this model relies on (see formats.md): GGUF v3,
+32-byte alignment, data contiguous in tensor-info order, dims in ggml order (the `gguf`
+package reverses torch's [out, in]), `general.architecture = "ideogram4"`, and `uncond`
+in the unconditional file's name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader
+from gguf import quants as gguf_quants
+
+from ..codecs.ggml.base import GGMLType
+from ..codecs.ggml.registry import ggml_type
+from ..errors import IdeoquantError
+from ..io.gguf_writer import ALIGNMENT, GGUFStreamWriter
+from ..io.source import BranchSource, Source
+from ..io.staging import OutputSet, ensure_free_space, sha256_file
+from ..recipes.formats import gguf_file_tag
+from ..recipes.gguf_policy import FILE_TYPES, TensorChoice, gguf_tensor_types
+from .error_meter import ErrorMeter
+from .options import (
+    BranchResult,
+    ConvertOptions,
+    Progress,
+    TensorReport,
+    common_metadata,
+)
+
+ARCHITECTURE = "ideogram4"
+# Rows decoded again by the `gguf` package itself when verifying each tensor.
+VERIFY_ROWS = 8
+
+
+def gguf_file_name(branch: str, fmt: str) -> str:
+    """`ideogram4-Q8_0.gguf`, `ideogram4-uncond-Q8_0.gguf`."""
+    infix = "-uncond" if branch == "unconditional_transformer" else ""
+    return f"ideogram4{infix}-{gguf_file_tag(fmt)}.gguf"
+
+
+def importance_source(options: ConvertOptions, bs: BranchSource):
+    """A function module -> importance vector (or None) for the K-quant `_impl` path."""
+    if options.imatrix is None:
+        return lambda module, width: None
+    if options.imatrix == "ones":
+        return lambda module, width: torch.ones(width)
+    from ..calibrate.statistics import load_importance
+
+    path = Path(options.imatrix)
+    if not path.is_file():
+        raise IdeoquantError(f"--imatrix {path}: no such statistics file")
+    return lambda module, width: load_importance(path, module, branch=bs.branch)
+
+
+def write_gguf_branch(
+    bs: BranchSource, source: Source, options: ConvertOptions, outputs: OutputSet, progress: Progress
+) -> BranchResult:
+    """Quantize one branch to a GGUF file, streaming chunk by chunk, then verify it."""
+    choices = gguf_tensor_types(bs.dims, options.fmt)
+    path = options.out / gguf_file_name(bs.branch, options.fmt)
+    outputs.claim(path)
+    ensure_free_space(options.out, sum(tensor_nbytes(c) for c in choices))
+    importance = importance_source(options, bs)
+    # While the source is hashed for the header below (a first run compiles the K-quant kernel).
+    progress.note("preparing the encoders")
+    for qtype in dict.fromkeys(c.qtype for c in choices):
+        ggml_type(qtype).prepare()
+    recipe = {c.name: {"type": c.qtype.name, "reason": c.reason} for c in choices}
+    metadata: dict[str, str | int] = {
+        "general.name": f"Ideogram 4 {'unconditional ' if bs.branch != 'transformer' else ''}{gguf_file_tag(options.fmt)}",
+        "general.file_type": int(FILE_TYPES[options.fmt]),
+        "general.quantization_version": GGML_QUANT_VERSION,
+        **common_metadata(bs, source, options),
+        "ideoquant.imatrix": options.imatrix or "none",
+        "ideoquant.recipe": json.dumps(recipe, separators=(",", ":")),
+    }
+    reports: list[TensorReport] = []
+    with outputs.writing(path) as tmp:
+        infos = [(c.name, c.shape, c.qtype, tensor_nbytes(c)) for c in choices]
+        writer = GGUFStreamWriter(tmp, ARCHITECTURE, metadata, infos)
+        try:
+            for c in choices:
+                progress.start(c.name)
+                cls = ggml_type(c.qtype)
+                imatrix = None
+                if cls.uses_imatrix and len(c.shape) == 2:
+                    imatrix = importance(c.name.rsplit(".", 1)[0], c.shape[1])
+                meter = ErrorMeter()
+                writer.begin_tensor(c.name)
+                for rows in bs.iter_float32_rows(c.name):
+                    data = cls.quantize_rows(rows, imatrix)
+                    writer.write_chunk(data.numpy())
+                    meter.add(cls.dequantize_rows(data), rows)
+                writer.end_tensor()
+                reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative()))
+                progress.advance(bs.stored_nbytes(c.name))
+            digest = writer.finish()
+        finally:
+            writer.close()
+        # The sha256 of the stream as written goes into the card; `ideoquant verify` checks
+        # the file against it. Here: structure, and the gguf package decoding every tensor.
+        verify_gguf_file(tmp, choices)
+    return BranchResult(
+        branch=bs.branch,
+        files=[path],
+        tensors=reports,
+        recipe={"types": recipe, "imatrix": options.imatrix or "none"},
+        source_checksum=str(metadata["ideoquant.source.checksum"]),
+        source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
+        file_sha256={str(path): digest},
+    )
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return n
+
+
+def tensor_nbytes(c: TensorChoice) -> int:
+    """Bytes a tensor takes in its chosen type."""
+    return ggml_type(c.qtype).row_bytes(c.shape[-1]) * _rows(c.shape)
+
+
+def verify_gguf_file(path: Path, choices: list[TensorChoice], sha256: str | None = None) -> None:
+    """Reopen with `gguf.GGUFReader`: names, order, shapes, types, alignment, contiguity, a
+    decode of each tensor's first rows by the `gguf` package itself, and (given) the sha256
+    of the whole file as it was written."""
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueError/struct errors on damage
+        raise IdeoquantError(f"{path}: GGUF reader rejects the file ({e})") from None
+    arch = reader.get_field("general.architecture")
+    if arch is None or arch.contents() != ARCHITECTURE:
+        raise IdeoquantError(f"{path}: general.architecture is not {ARCHITECTURE!r}")
+    if len(reader.tensors) != len(choices):
+        raise IdeoquantError(f"{path}: {len(reader.tensors)} tensors, expected {len(choices)}")
+    expected_offset = reader.data_offset
+    for t, c in zip(reader.tensors, choices):
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if t.name != c.name or shape != c.shape or t.tensor_type != c.qtype:
+            raise IdeoquantError(
+                f"{path}: tensor {t.name} {list(shape)} {t.tensor_type.name} does not match planned "
+                f"{c.name} {list(c.shape)} {c.qtype.name}"
+            )
+        if t.data_offset != expected_offset or t.data_offset % ALIGNMENT:
+            raise IdeoquantError(f"{path}: tensor {t.name} data is not contiguous and aligned")
+        expected_offset += -(-int(t.n_bytes) // ALIGNMENT) * ALIGNMENT
+        _check_decode(path, t.name, np.asarray(t.data).reshape(-1).view(np.uint8), c)
+    if expected_offset != path.stat().st_size:
+        raise IdeoquantError(f"{path}: file is {path.stat().st_size} bytes, tensors end at {expected_offset}")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise IdeoquantError(f"{path}: bytes on disk differ from what was written")
+
+
+def _check_decode(path: Path, name: str, raw: np.ndarray, c: TensorChoice) -> None:
+    """The gguf package's numpy decoder and ours agree bit for bit on the first rows."""
+    cls: type[GGMLType] = ggml_type(c.qtype)
+    row_bytes = cls.row_bytes(c.shape[-1])
+    rows = min(VERIFY_ROWS, _rows(c.shape))
+    head = np.array(raw[: rows * row_bytes]).reshape(rows, row_bytes)
+    if c.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        theirs = head.view(np.float32 if c.qtype == GGMLQuantizationType.F32 else np.float16).astype(np.float32)
+    else:
+        theirs = gguf_quants.dequantize(head, c.qtype).reshape(rows, -1)
+    ours = cls.dequantize_rows(torch.from_numpy(head.copy())).numpy()
+    if not np.array_equal(theirs.view(np.uint32), ours.view(np.uint32)):
+        raise IdeoquantError(f"{path}: tensor {name} does not decode to the written values")

@@ -1,0 +1,115 @@
+"""`ideoquant inspect`: tables of sources and outputs (GGUF files, safetensors folders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gguf import GGUFReader, GGUFValueType
+
+from ..errors import IdeoquantError
+from ..io.safetensors_reader import SafetensorsFile
+from ..io.source import open_source
+from .report import format_table, human_bytes
+
+MAX_VALUE_CHARS = 200
+
+
+def inspect_path(path: str, plan_fmt: str | None = None, show_metadata: bool = True) -> str:
+    """A printable description of a GGUF file, a folder of outputs, or a source."""
+    p = Path(path)
+    if plan_fmt is not None:
+        return _plan(path, plan_fmt)
+    if p.is_file() and p.suffix == ".gguf":
+        return inspect_gguf(p, show_metadata)
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return "\n\n".join(inspect_gguf(g, show_metadata) for g in ggufs)
+    if p.exists():
+        return inspect_safetensors(p, show_metadata)
+    # Not a local path: a Hub repo id goes through the source reader.
+    return _plan(path, None)
+
+
+def inspect_gguf(path: Path, show_metadata: bool = True) -> str:
+    """Tensor table (with the recorded recipe reason per tensor) and metadata of a GGUF file."""
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        raise IdeoquantError(f"{path}: not a readable GGUF file ({e})") from None
+    recipe = {}
+    field = reader.get_field("ideoquant.recipe")
+    if field is not None:
+        recipe = json.loads(field.contents())
+    rows, total = [], 0
+    for t in reader.tensors:
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        total += int(t.n_bytes)
+        rows.append([t.name, str(shape), t.tensor_type.name, human_bytes(int(t.n_bytes)), recipe.get(t.name, {}).get("reason", "")])
+    out = [f"{path}  (GGUF v{reader.get_field('GGUF.version').contents()}, {len(rows)} tensors)"]
+    out.append(format_table(["name", "shape", "type", "bytes", "why"], rows))
+    n_weights = sum(int(t.n_elements) for t in reader.tensors)
+    out.append(f"total: {len(rows)} tensors, {n_weights:,} weights, {human_bytes(total)} of data, "
+               f"{8 * total / max(n_weights, 1):.3f} bits/weight; file {human_bytes(path.stat().st_size)}")
+    if show_metadata:
+        out.append("metadata:")
+        for name, f in reader.fields.items():
+            if name.startswith("GGUF.") or name == "ideoquant.recipe":
+                continue
+            value = f.contents()
+            text = json.dumps(value) if f.types and f.types[0] == GGUFValueType.ARRAY else str(value)
+            out.append(f"  {name} = {text[:MAX_VALUE_CHARS]}")
+    return "\n".join(out)
+
+
+def inspect_safetensors(path: Path, show_metadata: bool = True) -> str:
+    """Every tensor as stored in a safetensors file or folder (a source or an INT8/NF4 output)."""
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    if not files:
+        raise IdeoquantError(f"{path}: no .safetensors or .gguf files")
+    out = []
+    for f in files:
+        st = SafetensorsFile(f)
+        rows = [[t.name, str(list(t.shape)), str(t.dtype).replace("torch.", ""), human_bytes(t.nbytes)] for t in st.tensors.values()]
+        total = sum(t.nbytes for t in st.tensors.values())
+        out.append(f"{f}")
+        out.append(format_table(["name", "shape", "dtype", "bytes"], rows))
+        out.append(f"total: {len(rows)} tensors, {human_bytes(total)}")
+        if show_metadata and st.metadata:
+            out.append("metadata:")
+            out += [f"  {k} = {str(v)[:MAX_VALUE_CHARS]}" for k, v in st.metadata.items()]
+        config = f.parent / "config.json"
+        if show_metadata and config.is_file():
+            qc = json.loads(config.read_text()).get("quantization_config")
+            if qc:
+                out.append(f"quantization_config: {json.dumps(qc)[:2000]}")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _plan(src: str, fmt: str | None) -> str:
+    """The source's canonical inventory, and with a format the type chosen per tensor."""
+    from ..recipes.formats import is_gguf_format
+    from ..recipes.gguf_policy import gguf_tensor_types
+    from ..recipes.linears import kept_linears
+
+    source = open_source(src)
+    out = []
+    for branch, bs in source.branches.items():
+        out.append(f"{branch}: {bs.layout} layout, linears {bs.source_dtype}, dims {bs.dims.as_dict()}")
+        if fmt is None:
+            rows = [[n, str(list(s.shape)), s.kind, human_bytes(bs.stored_nbytes(n))] for n, s in bs.specs.items()]
+            out.append(format_table(["name", "shape", "kind", "stored bytes"], rows))
+        elif is_gguf_format(fmt):
+            rows = [[c.name, str(list(c.shape)), c.qtype.name, c.reason] for c in gguf_tensor_types(bs.dims, fmt)]
+            out.append(format_table(["name", "shape", "type", "why"], rows))
+        else:
+            kept = set(kept_linears(bs.dims))
+            rows = [[n, str(list(s.shape)), ("bf16 (one row per image)" if s.module in kept else fmt) if s.kind == "linear" else "kept"]
+                    for n, s in bs.specs.items()]
+            out.append(format_table(["name", "shape", "plan"], rows))
+            if fmt == "int8":
+                out.append("int8: the protected set is chosen at conversion time from calibration measurements")
+        out.append(f"total: {len(bs.specs)} tensors, {bs.total_weights:,} weights")
+    return "\n".join(out)

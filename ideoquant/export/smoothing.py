@@ -1,0 +1,320 @@
+"""SmoothQuant folds, per-linear alpha search and the measured choice of protected linears.
+
+For a group of linears sharing one input X, s_j = max|X_j|^alpha / max|W_j|^(1-alpha) per
+input channel j (W over every linear of the group). X' = X / s and W' = W * s leave the
+product unchanged; 1/s is folded into the op that produces X, so nothing runs at
+inference time:
+
+| group                 | 1/s folds into                      |
+|-----------------------|-------------------------------------|
+| attention.qkv         | attention_norm1.weight              |
+| feed_forward.w1 + w3  | ffn_norm1.weight                    |
+| attention.o           | the v rows of attention.qkv         |
+| feed_forward.w2       | the rows of feed_forward.w3         |
+| llm_cond_proj         | llm_cond_norm.weight                |
+
+Alpha is chosen per group by the W8A8 output error measured on the calibration sample
+rows (with "no smoothing" as one of the candidates). Every linear's remaining error,
+scaled to what it does to the residual stream (a block linear's branch adds only a
+fraction of the stream, measured during calibration), ranks it for protection: the N
+worst stay in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..calibrate.statistics import LinearStatistics, statistics_key
+from ..codecs.int8 import int8_matmul, quantize_per_token, quantize_weight_per_channel
+from ..errors import IdeoquantError
+from ..model.inventory import ModelDims, expected_tensors
+from ..recipes.int8_policy import ALPHA_GRID, DEFAULT_PROTECT, MIN_ABSMAX
+from ..recipes.linears import matches_patterns, one_row_linears
+from ..recipes.smoothquant_map import (
+    FACTORS_FOLDER,
+    FoldTarget,
+    SmoothGroup,
+    smoothing_groups,
+)
+
+# Bounds on a smoothing factor: beyond them a channel is numerically dead, not an outlier.
+MIN_FACTOR, MAX_FACTOR = 1e-4, 1e4
+# Output rows per chunk when measuring a linear's error (bounds the float32 temporaries).
+MEASURE_CHUNK_ELEMENTS = 1 << 24
+
+
+def factors_path(out: Path, branch: str) -> Path:
+    """Where an INT8 output folder keeps a branch's SmoothQuant factors."""
+    return Path(out) / FACTORS_FOLDER / f"{branch}.safetensors"
+
+
+def recipe_from_factors(dims: ModelDims, factors: dict[str, torch.Tensor], origin: str) -> Int8Recipe:
+    """A recipe that applies stored factors (`smooth_tensor`), after checking their names and values."""
+    groups = smoothing_groups(dims)
+    widths = {s.name[: -len(".weight")]: s.shape[1] for s in expected_tensors(dims) if s.kind == "linear"}
+    known = {g.name: widths[g.linears[0]] for g in groups}
+    checked: dict[str, torch.Tensor] = {}
+    for name, s in factors.items():
+        if name not in known:
+            raise IdeoquantError(f"{origin}: {name} is not a smoothing group of this model")
+        if s.dtype != torch.float32 or tuple(s.shape) != (known[name],):
+            raise IdeoquantError(f"{origin}: factors of {name} are {s.dtype} {list(s.shape)}, expected float32 [{known[name]}]")
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise IdeoquantError(f"{origin}: factors of {name} are not all finite and positive")
+        checked[name] = s
+    return Int8Recipe(dims, Int8Settings(), groups, {}, checked)
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha); 1 where the channel never saw data."""
+    a = act_absmax.to(torch.float32).clamp_min(MIN_ABSMAX)
+    w = weight_absmax.to(torch.float32).clamp_min(MIN_ABSMAX)
+    s = (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(MIN_FACTOR, MAX_FACTOR)
+    return torch.where(act_absmax > 0, s, torch.ones_like(s))
+
+
+def w8a8_relative_error(
+    x: torch.Tensor, weight: torch.Tensor, factors: torch.Tensor | None = None, reference: torch.Tensor | None = None
+) -> float:
+    """||Y_w8a8 - Y|| / ||Y|| of one linear on rows x, with the input smoothed by `factors` if given."""
+    xs = x if factors is None else x / factors
+    qx, sx = quantize_per_token(xs)
+    if reference is None:
+        reference = x @ weight.t()
+    err = torch.zeros((), dtype=torch.float64, device=x.device)
+    ref = torch.zeros((), dtype=torch.float64, device=x.device)
+    step = max(1, MEASURE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    for r0 in range(0, weight.shape[0], step):
+        w = weight[r0 : r0 + step]
+        qw, sw = quantize_weight_per_channel(w if factors is None else w * factors)
+        y = int8_matmul(qx, qw).to(torch.float32) * sx * sw.reshape(1, -1)
+        y_ref = reference[:, r0 : r0 + step]
+        err += (y - y_ref).square().sum(dtype=torch.float64)
+        ref += y_ref.square().sum(dtype=torch.float64)
+    return math.sqrt(float(err) / max(float(ref), 1e-30))
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """How the INT8 recipe is chosen."""
+
+    alpha: float | None = None  # None: searched per group; a value forces it (0.5 is the paper's)
+    smooth: bool = True  # False: no SmoothQuant at all (plain W8A8)
+    protect: int = DEFAULT_PROTECT  # the N linears with the worst measured error stay bf16
+    protect_patterns: tuple[str, ...] = ()
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    max_rows: int | None = None  # sample rows used per linear (None: all recorded)
+    device: str | None = None  # where measurements run (None: cuda when available)
+
+
+@dataclass
+class LinearChoice:
+    """What the recipe decided for one linear, with the measurements behind it."""
+
+    module: str
+    group: str | None
+    quantized: bool
+    kept: str | None = None  # why it stays in bf16
+    alpha: float | None = None  # the SmoothQuant alpha applied (None: not smoothed)
+    error: float | None = None  # measured W8A8 relative output error with the chosen alpha
+    error_plain: float | None = None  # the same without smoothing
+    impact: float | None = None  # error scaled by the linear's gain into the residual stream (the ranking)
+    note: str = ""
+
+
+@dataclass
+class Int8Recipe:
+    """The per-branch INT8 decisions: smoothing factors, alphas, quantized and kept linears."""
+
+    dims: ModelDims
+    settings: Int8Settings
+    groups: list[SmoothGroup]
+    linears: dict[str, LinearChoice]
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)  # active groups only
+    alphas: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> list[str]:
+        return [m for m, c in self.linears.items() if c.quantized]
+
+    @property
+    def kept(self) -> dict[str, str]:
+        return {m: c.kept or "" for m, c in self.linears.items() if not c.quantized}
+
+    @property
+    def protected(self) -> list[str]:
+        """Linears kept because of their measured error (ranked, worst first) or a pattern."""
+        picked = [(c.impact or 0.0, m) for m, c in self.linears.items() if c.kept and c.kept.startswith(("measured", "pattern"))]
+        return [m for _, m in sorted(picked, key=lambda e: -e[0])]
+
+    def _group_of(self, module: str) -> SmoothGroup | None:
+        return next((g for g in self.groups if module in g.linears), None)
+
+    def column_factors(self, module: str) -> torch.Tensor | None:
+        """s multiplying the input columns of a linear's weight, or None."""
+        group = self._group_of(module)
+        return self.factors.get(group.name) if group else None
+
+    def folded_tensors(self) -> dict[str, FoldTarget]:
+        """Tensors that receive a 1/s fold (canonical name -> the fold)."""
+        return {g.fold.tensor: g.fold for g in self.groups if g.name in self.factors}
+
+    def folded_norms(self) -> list[str]:
+        """Norm weights carrying a fold: stored in float32 so the fold stays exact."""
+        return [g.fold.tensor for g in self.groups if g.name in self.factors and g.fold.rows is None]
+
+    def smooth_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A canonical float tensor with its smoothing applied (columns * s, folds / s)."""
+        out = tensor.to(torch.float32)
+        if name.endswith(".weight"):
+            s = self.column_factors(name[: -len(".weight")])
+            if s is not None and out.dim() == 2:
+                out = out * s.to(out.device)[None, :]
+        for group in self.groups:
+            if group.fold.tensor != name or group.name not in self.factors:
+                continue
+            s = self.factors[group.name].to(out.device)
+            if out is tensor:
+                out = out.clone()
+            if group.fold.rows is None:
+                out = out / s
+            else:
+                r0, r1 = group.fold.rows
+                out[r0:r1] = out[r0:r1] / s[:, None]
+        return out
+
+    def metadata(self) -> dict:
+        """JSON-ready record of the recipe (output metadata and model card)."""
+
+        def rounded(v: float | None) -> float | None:
+            return None if v is None else float(f"{v:.6g}")
+
+        settings = asdict(self.settings)
+        settings["alpha_grid"] = list(settings["alpha_grid"])
+        settings["protect_patterns"] = list(settings["protect_patterns"])
+        return {
+            "settings": settings,
+            "quantized": len(self.quantized),
+            "kept": self.kept,
+            "protected": self.protected,
+            "alphas": {g: rounded(a) for g, a in self.alphas.items()},
+            "linears": {
+                m: {
+                    "quantized": c.quantized,
+                    "kept": c.kept,
+                    "alpha": rounded(c.alpha),
+                    "error": rounded(c.error),
+                    "error_plain": rounded(c.error_plain),
+                    "impact": rounded(c.impact),
+                    **({"note": c.note} if c.note else {}),
+                }
+                for m, c in self.linears.items()
+            },
+        }
+
+
+def _measure_device(settings: Int8Settings) -> torch.device:
+    if settings.device:
+        return torch.device(settings.device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _samples(stats: LinearStatistics | None, settings: Int8Settings, device: torch.device) -> torch.Tensor | None:
+    if stats is None or stats.count == 0 or stats.samples.shape[0] == 0:
+        return None
+    rows = stats.samples if settings.max_rows is None else stats.samples[: settings.max_rows]
+    return rows.to(device=device, dtype=torch.float32)
+
+
+def plan_int8(
+    dims: ModelDims,
+    read_weight: Callable[[str], torch.Tensor],
+    stats: dict[str, LinearStatistics],
+    settings: Int8Settings = Int8Settings(),
+    gains: dict[str, float] | None = None,
+) -> Int8Recipe:
+    """Measure every linear on its calibration rows; choose alphas, factors and the bf16 set.
+
+    `gains` (from `calibrate.residual_gains`) weights each block linear's error by how much
+    its branch adds to the residual stream; without them the raw output errors rank.
+    """
+    device = _measure_device(settings)
+    groups = smoothing_groups(dims)
+    one_row = set(one_row_linears(dims))
+    linears: dict[str, LinearChoice] = {}
+    factors: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float | None] = {}
+
+    for group in groups:
+        st = stats.get(statistics_key(group.linears[0]))
+        x = _samples(st, settings, device)
+        if x is None:
+            for m in group.linears:
+                linears[m] = LinearChoice(m, group.name, True, note="no calibration data: quantized without smoothing")
+            alphas[group.name] = None
+            continue
+        weights = {m: read_weight(m + ".weight").to(device=device, dtype=torch.float32) for m in group.linears}
+        references = {m: x @ w.t() for m, w in weights.items()}
+        weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights.values()]).amax(dim=0)
+        candidates: list[float | None] = [None]
+        if settings.smooth:
+            candidates += [settings.alpha] if settings.alpha is not None else list(settings.alpha_grid)
+        errors: dict[float | None, dict[str, float]] = {}
+        for alpha in candidates:
+            s = None if alpha is None else smoothing_factors(st.absmax.to(device), weight_absmax, alpha)
+            errors[alpha] = {m: w8a8_relative_error(x, w, s, references[m]) for m, w in weights.items()}
+        if settings.smooth and settings.alpha is not None:
+            chosen = settings.alpha
+        else:
+            # Shared s: the objective is the group's summed squared relative error.
+            chosen = min(candidates, key=lambda a: (sum(e * e for e in errors[a].values()), a is not None))
+        alphas[group.name] = chosen
+        if chosen is not None:
+            factors[group.name] = smoothing_factors(st.absmax.to(device), weight_absmax, chosen).cpu()
+        for m in group.linears:
+            linears[m] = LinearChoice(m, group.name, True, alpha=chosen, error=errors[chosen][m], error_plain=errors[None][m])
+        del weights, references
+
+    for spec in expected_tensors(dims):
+        m = spec.module
+        if spec.kind != "linear" or m in linears:
+            continue
+        if m in one_row:
+            linears[m] = LinearChoice(m, None, False, kept="one row per image: no gain from per-token int8")
+            continue
+        x = _samples(stats.get(statistics_key(m)), settings, device)
+        if x is None:
+            linears[m] = LinearChoice(m, None, True, note="no calibration data")
+            continue
+        w = read_weight(m + ".weight").to(device=device, dtype=torch.float32)
+        e = w8a8_relative_error(x, w)
+        linears[m] = LinearChoice(m, None, True, error=e, error_plain=e, note="no fold target: not smoothed")
+
+    # Canonical order for the output and for ties in the ranking.
+    order = {s.module: i for i, s in enumerate(expected_tensors(dims))}
+    linears = dict(sorted(linears.items(), key=lambda kv: order[kv[0]]))
+    for c in linears.values():
+        if c.error is not None:
+            c.impact = c.error * (gains.get(c.module, 1.0) if gains else 1.0)
+    measured = [c for c in linears.values() if c.quantized and c.impact is not None]
+    ranked = sorted(measured, key=lambda c: (-c.impact, order[c.module]))
+    for c in ranked[: max(0, settings.protect)]:
+        c.quantized, c.kept = False, f"measured: W8A8 impact {c.impact:.4g} among the {settings.protect} worst"
+    for m, c in linears.items():
+        if c.quantized and settings.protect_patterns and matches_patterns(m, list(settings.protect_patterns)):
+            c.quantized, c.kept = False, "pattern: --protect-pattern"
+
+    # A group whose linears all stay bf16 gains nothing from smoothing: leave its fold target as is.
+    for group in groups:
+        if group.name in factors and not any(linears[m].quantized for m in group.linears):
+            del factors[group.name]
+            alphas[group.name] = None
+            for m in group.linears:
+                linears[m].alpha = None
+                linears[m].note = "kept in bf16: not smoothed"
+    return Int8Recipe(dims, settings, groups, linears, factors, alphas)

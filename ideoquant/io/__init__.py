@@ -1,0 +1,1 @@
+"""Files: the one safetensors source reader, streaming GGUF and safetensors writers, staged atomic outputs."""

@@ -1,0 +1,102 @@
+"""The recipe: which type every tensor gets, decided in one place for every format.
+
+Mechanism (encoders, writers) lives elsewhere; this module only chooses. `inspect` and
+the file metadata show the choice per tensor with the reason for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType
+
+from ..model.inventory import ModelDims, TensorSpec, expected_tensors
+
+GGUF_FORMATS: dict[str, QT] = {
+    "f32": QT.F32,
+    "f16": QT.F16,
+    "bf16": QT.BF16,
+    "q8_0": QT.Q8_0,
+    "q4_0": QT.Q4_0,
+    "q4_k": QT.Q4_K,
+    "q5_k": QT.Q5_K,
+    "q6_k": QT.Q6_K,
+}
+# llama.cpp-style mixes: the base type, and the tensors kept one type higher.
+# feed_forward.w2 (the FFN down-projection) is the set most sensitive to 4-bit error.
+GGUF_MIXES: dict[str, tuple[QT, dict[str, QT]]] = {
+    "q4_k_s": (QT.Q4_K, {}),
+    "q4_k_m": (QT.Q4_K, {"feed_forward.w2.weight": QT.Q5_K}),
+    "q5_k_s": (QT.Q5_K, {}),
+    "q5_k_m": (QT.Q5_K, {"feed_forward.w2.weight": QT.Q6_K}),
+}
+FILE_TYPES: dict[str, LlamaFileType] = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "bf16": LlamaFileType.MOSTLY_BF16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "q4_k": LlamaFileType.MOSTLY_Q4_K_S,
+    "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S,
+    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+    "q5_k": LlamaFileType.MOSTLY_Q5_K_S,
+    "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S,
+    "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+    "q6_k": LlamaFileType.MOSTLY_Q6_K,
+}
+
+# When a tensor's row length does not fit the requested type's blocks, the first of these
+# that fits is used (input_proj has rows of 128, too short for any 256-weight K-quant block).
+GGUF_FALLBACKS = (QT.Q8_0, QT.F16)
+
+
+@dataclass(frozen=True)
+class TensorChoice:
+    """The type chosen for one tensor of an output, and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: QT
+    reason: str
+
+
+def _block_size(qtype: QT) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def gguf_tensor_types(dims: ModelDims, fmt: str) -> list[TensorChoice]:
+    """The GGUF type policy: per-block linears in the requested type (mixes: w2 higher),
+    every 1-D tensor in F32, other 2-D tensors in the requested type where their rows fit
+    its blocks, else the first fitting fallback (Q8_0, then F16)."""
+    if fmt in GGUF_MIXES:
+        base, overrides = GGUF_MIXES[fmt]
+    elif fmt in GGUF_FORMATS:
+        base, overrides = GGUF_FORMATS[fmt], {}
+    else:
+        raise ValueError(f"{fmt} is not a GGUF format")
+    choices = []
+    for spec in expected_tensors(dims):
+        if len(spec.shape) == 1:
+            choices.append(TensorChoice(spec.name, spec.shape, QT.F32, "1-D tensors stay F32"))
+            continue
+        wanted, reason = base, "requested type"
+        for suffix, higher in overrides.items():
+            if spec.name.endswith(suffix):
+                wanted, reason = higher, f"{fmt} keeps {suffix.rsplit('.', 1)[0]} one type higher"
+        if spec.shape[-1] % _block_size(wanted):
+            fallback = next(t for t in GGUF_FALLBACKS if spec.shape[-1] % _block_size(t) == 0)
+            reason = f"rows of {spec.shape[-1]} do not fit {wanted.name} blocks of {_block_size(wanted)}; fallback"
+            wanted = fallback
+        choices.append(TensorChoice(spec.name, spec.shape, wanted, reason))
+    return choices
+
+
+# --- linears kept in higher precision (INT8 and NF4) -----------------------------------
+
+
+def linear_modules(dims: ModelDims) -> list[TensorSpec]:
+    """Every linear weight spec of a branch, in canonical order."""
+    return [s for s in expected_tensors(dims) if s.kind == "linear"]
