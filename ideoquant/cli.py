@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .errors import IdeoquantError
-from .recipes.formats import ALL_FORMATS
+from .recipes.formats import ALL_FORMATS, DEFAULT_LAYOUT, LAYOUTS
 
 log = logging.getLogger("ideoquant")
 
@@ -68,7 +68,7 @@ def main() -> None:
 @click.option("--layers", type=click.IntRange(1, 64), default=None, help="Blocks (default: 2 tiny, 34 full).")
 @click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp8", "bf16"]), default="fp8", show_default=True)
-@click.option("--layout", type=click.Choice(["fused", "diffusers"]), default="fused", show_default=True)
+@click.option("--layout", type=click.Choice(LAYOUTS), default="fused", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing files.")
 @one_line_errors
@@ -112,7 +112,7 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--protect-pattern", "protect_patterns", multiple=True, help="Keep linears matching this glob in bf16.")
 @click.option("--all-linears", is_flag=True, help="NF4: quantize the one-row adaLN linears too.")
 @click.option("--double-quant", is_flag=True, help="NF4: quantize the absmax statistics too.")
-@click.option("--layout", type=click.Choice(["diffusers", "fused"]), default="diffusers", show_default=True,
+@click.option("--layout", type=click.Choice(LAYOUTS), default=DEFAULT_LAYOUT, show_default=True,
               help="INT8/NF4 tensor names.")
 @click.option("--base-model", default=None, help="Hub id of the source, for the model card.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")

@@ -186,3 +186,16 @@ def test_unrecognised_folders_raise(tmp_path, config, message):
     with pytest.raises(IdeoquantError, match="not a .gguf file"):
         (tmp_path / "weights.safetensors").write_bytes(b"x")
         load_transformer(tmp_path / "weights.safetensors")
+
+
+@pytest.mark.parametrize(("lengths", "grid", "max_text"), [((5, 3), (4, 4), 8), ((1,), (2, 3), 1), ((0, 7, 2), (3, 2), 7)])
+def test_packed_sequence_is_the_pipeline_layout(lengths, grid, max_text):
+    """The packed [pad][text][image] sequence equals diffusers' own packing, value for value."""
+    from diffusers import Ideogram4Pipeline
+
+    from ideoquant.model.sequence import packed_sequence
+
+    want = Ideogram4Pipeline._prepare_ids(list(lengths), grid[0], grid[1], max_text, torch.device("cpu"))
+    got = packed_sequence(lengths, grid[0], grid[1], max_text)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)

@@ -7,7 +7,6 @@ import torch
 
 from ideoquant.calibrate.inputs import synthetic_calls
 from ideoquant.calibrate.run import calibrate
-from ideoquant.calibrate.source_model import transformer_from_tensors
 from ideoquant.calibrate.statistics import statistics_key
 from ideoquant.codecs.int8 import quantize_per_token, quantize_weight_per_channel
 from ideoquant.export.smoothing import (
@@ -18,6 +17,7 @@ from ideoquant.export.smoothing import (
 )
 from ideoquant.io.source import open_source
 from ideoquant.io.synthetic import write_synthetic_pipeline
+from ideoquant.model.build import transformer_from_tensors
 from ideoquant.recipes.linears import one_row_linears
 from ideoquant.recipes.smoothquant_map import smoothing_groups
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import IdeoquantError
 from ..model.inventory import ModelDims, expected_tensors
 from ..model.sequence import IMAGE_INDICATOR, TEXT_INDICATOR
-from .source_model import _dims_of, recorded_linears
+from .source_model import recorded_linears
 from .statistics import (
     DEFAULT_MAX_SAMPLES,
     TIMESTEP_BINS,
@@ -63,7 +63,7 @@ class StatisticsCollector:
 
     def attach(self, model: nn.Module, branch: str) -> None:
         """Hook every recorded linear of a branch's model."""
-        dims = _dims_of(model)
+        dims = ModelDims.from_config(model.config)
         self.stats.setdefault(branch, {})
         self._state[branch] = _ForwardState()
         self._handles.append(model.register_forward_pre_hook(self._forward_hook(branch), with_kwargs=True))

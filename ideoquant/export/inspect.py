@@ -92,7 +92,7 @@ def _plan(src: str, fmt: str | None) -> str:
     """The source's canonical inventory, and with a format the type chosen per tensor."""
     from ..recipes.formats import is_gguf_format
     from ..recipes.gguf_policy import gguf_tensor_types
-    from ..recipes.linears import kept_linears
+    from ..recipes.nf4_policy import nf4_kept_linears
 
     source = open_source(src)
     out = []
@@ -105,8 +105,8 @@ def _plan(src: str, fmt: str | None) -> str:
             rows = [[c.name, str(list(c.shape)), c.qtype.name, c.reason] for c in gguf_tensor_types(bs.dims, fmt)]
             out.append(format_table(["name", "shape", "type", "why"], rows))
         else:
-            kept = set(kept_linears(bs.dims))
-            rows = [[n, str(list(s.shape)), ("bf16 (one row per image)" if s.module in kept else fmt) if s.kind == "linear" else "kept"]
+            kept = nf4_kept_linears(bs.dims)
+            rows = [[n, str(list(s.shape)), (f"bf16: {kept[s.module]}" if s.module in kept else fmt) if s.kind == "linear" else "kept"]
                     for n, s in bs.specs.items()]
             out.append(format_table(["name", "shape", "plan"], rows))
             if fmt == "int8":

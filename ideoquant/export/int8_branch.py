@@ -37,6 +37,7 @@ from ..model.inventory import (
     layout_modules,
     to_layout_names,
 )
+from ..recipes.formats import check_layout
 from .options import (
     BranchResult,
     ConvertOptions,
@@ -49,7 +50,6 @@ from .smoothing import Int8Recipe, Int8Settings, factors_path, plan_int8
 log = logging.getLogger("ideoquant")
 
 RECIPE_METADATA_KEY = "ideoquant.int8.recipe"
-LAYOUTS = ("diffusers", "fused")
 
 
 def quantization_config(ignore: list[str]) -> dict:
@@ -171,8 +171,7 @@ def write_int8_folder(
     progress: Progress | None = None,
 ) -> tuple[list[Path], list[TensorReport]]:
     """Write one branch folder (config.json + safetensors) for a recipe, then verify it."""
-    if layout not in LAYOUTS:
-        raise IdeoquantError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    check_layout(layout)
     folder = Path(folder)
     plan = output_plan(bs.dims, recipe, layout)
     ensure_free_space(folder, sum(p.nbytes for p in plan))
@@ -240,8 +239,7 @@ def write_int8_branch(
     """Calibrated W8A8 int8 for one branch: plan from the statistics, write, verify."""
     if options.calibration is None:
         raise IdeoquantError("--format int8 needs --calibration STATS (write one with `ideoquant calibrate`)")
-    if options.layout not in LAYOUTS:
-        raise IdeoquantError(f"--layout must be one of {', '.join(LAYOUTS)}, not {options.layout!r}")
+    check_layout(options.layout)
     if options.alpha is not None and not 0.0 <= options.alpha <= 1.0:
         raise IdeoquantError(f"--alpha must lie in [0, 1], not {options.alpha}")
     stats = load_branch_statistics(Path(options.calibration), bs)

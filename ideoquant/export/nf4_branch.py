@@ -47,7 +47,8 @@ from ..model.inventory import (
     layout_modules,
     to_layout_names,
 )
-from ..recipes.linears import kept_linears, one_row_linears
+from ..recipes.formats import check_layout
+from ..recipes.nf4_policy import nf4_kept_linears
 from .error_meter import ErrorMeter
 from .options import (
     BranchResult,
@@ -59,7 +60,6 @@ from .options import (
 
 log = logging.getLogger("ideoquant")
 
-LAYOUTS = ("diffusers", "fused")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 RECIPE_METADATA_KEY = "ideoquant.nf4.recipe"
 # Double quantization codes the absmax in blocks of 256; pieces aligned to 256 * 64 weights
@@ -354,15 +354,6 @@ def measure_offsets(bs: BranchSource, parts: list[OutputPart]) -> dict[str, torc
     return offsets
 
 
-def kept_notes(dims: ModelDims, kept: list[str], options: ConvertOptions) -> dict[str, str]:
-    """Why each kept linear stays unquantized, by canonical module."""
-    one_row = set() if options.all_linears else set(one_row_linears(dims))
-    return {
-        m: "one row per image (adaLN/timestep): kept unquantized" if m in one_row else "matches --protect-pattern: kept unquantized"
-        for m in kept
-    }
-
-
 # --- writing -----------------------------------------------------------------------------------
 
 @dataclass
@@ -433,13 +424,13 @@ def write_nf4_folder(
     progress: Progress | None = None,
 ) -> tuple[list[Path], list[TensorReport], dict]:
     """Write one NF4 branch folder (config.json + safetensors), verify it; (files, reports, recipe)."""
-    if options.layout not in LAYOUTS:
-        raise IdeoquantError(f"--layout must be one of {', '.join(LAYOUTS)}, not {options.layout!r}")
+    check_layout(options.layout)
     if options.compute_dtype not in COMPUTE_DTYPES:
         raise IdeoquantError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {options.compute_dtype!r}")
     compute_dtype = COMPUTE_DTYPES[options.compute_dtype]
     folder = Path(folder)
-    kept = kept_linears(bs.dims, options.protect_patterns, options.all_linears)
+    kept_reasons = nf4_kept_linears(bs.dims, options.protect_patterns, options.all_linears)
+    kept = list(kept_reasons)
     parts = output_parts(bs.dims, options.layout, kept)
     skip = [m for module in kept for m in layout_modules(module, options.layout)]
     offsets = None
@@ -460,7 +451,7 @@ def write_nf4_folder(
     }
     meta = {"format": "pt", **(metadata or {}), RECIPE_METADATA_KEY: json.dumps(recipe, sort_keys=True)}
     written = _Written(reports=[])
-    tensors = _stream(bs, parts, by_part, compute_dtype, offsets, kept_notes(bs.dims, kept, options), progress, written)
+    tensors = _stream(bs, parts, by_part, compute_dtype, offsets, kept_reasons, progress, written)
     writer = ShardedSafetensorsOutput(outputs, folder, plan, metadata=meta, max_shard_bytes=options.max_shard_bytes)
     writer.write_all(tensors)
     paths, index_path = writer.paths, writer.index_path

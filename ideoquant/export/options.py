@@ -11,6 +11,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..io.source import BranchSource, Source
 from ..io.staging import OutputSet
+from ..recipes.formats import DEFAULT_LAYOUT
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ConvertOptions:
     protect_patterns: tuple[str, ...] = ()
     all_linears: bool = False  # NF4: quantize the one-row adaLN linears too (as the official release)
     double_quant: bool = False  # NF4
-    layout: str = "diffusers"  # INT8/NF4 tensor names: diffusers or fused
+    layout: str = DEFAULT_LAYOUT  # INT8/NF4 tensor names: diffusers or fused
     compute_dtype: str = "bfloat16"
     base_model: str | None = None
     max_shard_bytes: int = 10 * 2**30

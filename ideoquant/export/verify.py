@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,12 +29,13 @@ from ..errors import IdeoquantError
 from ..io.safetensors_reader import SafetensorsFile
 from ..io.source import BranchSource, open_source
 from ..io.staging import PARTIAL_SUFFIX, OutputSet, sha256_file
+from ..io.tensor_folder import TensorFolder, read_config
 from ..model.inventory import (
     BRANCH_ALIASES,
-    IDENTIFYING_TENSOR,
     ModelDims,
-    detect_layout,
-    expected_tensors,
+    check_inventory,
+    infer_dims,
+    layout_of,
     to_canonical_name,
     to_layout_names,
 )
@@ -134,38 +134,14 @@ def _canonical_shapes(tensors: list[dict]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def report_dims(branch: str, shapes: dict[str, tuple[int, ...]]) -> ModelDims:
-    """Model dims read off the report's canonical tensor shapes."""
-    try:
-        in_proj = shapes["input_proj.weight"]
-        return ModelDims(
-            in_channels=in_proj[1],
-            hidden=in_proj[0],
-            head_dim=shapes["layers.0.attention.norm_q.weight"][0],
-            intermediate=shapes["layers.0.feed_forward.w1.weight"][0],
-            adaln_dim=shapes["adaln_proj.weight"][0],
-            llm_features=shapes["llm_cond_norm.weight"][0],
-            num_layers=1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"layers\.(\d+)\.", n))),
-        )
-    except (KeyError, IndexError, ValueError):
-        raise IdeoquantError(
-            f"{REPORT_NAME}: {branch} does not list the Ideogram 4 tensors ({IDENTIFYING_TENSOR}, input_proj, ...)"
-        ) from None
-
-
-def check_inventory(branch: str, tensors: list[dict]) -> None:
+def check_report_inventory(branch: str, tensors: list[dict]) -> None:
     """The report lists exactly the tensors of an Ideogram 4 branch, with their shapes."""
     shapes = _canonical_shapes(tensors)
-    dims = report_dims(branch, shapes)
-    expected = {s.name: s.shape for s in expected_tensors(dims)}
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise IdeoquantError(f"{REPORT_NAME}: {branch} lacks tensor {name}")
-        if shapes[name] != shape:
-            raise IdeoquantError(f"{REPORT_NAME}: {branch} tensor {name} has shape {list(shapes[name])}, expected {list(shape)}")
-    extra = sorted(set(shapes) - set(expected))
+    origin = f"{REPORT_NAME}: {branch}"
+    dims = infer_dims(shapes, "fused", origin)
+    extra = check_inventory(shapes, "fused", dims, origin)
     if extra:
-        raise IdeoquantError(f"{REPORT_NAME}: {branch} lists unknown tensor {extra[0]}")
+        raise IdeoquantError(f"{origin} lists unknown tensor {sorted(extra)[0]}")
 
 
 def smoothed_groups(recipe: dict) -> set[str]:
@@ -238,58 +214,20 @@ class FolderTensors:
     def __init__(self, folder: Path, fmt: str):
         self.folder = folder
         self._check_config(fmt)
-        self.stored = {}
-        for f in self._files():
-            for key, t in f.tensors.items():
-                if key in self.stored:
-                    raise IdeoquantError(f"{folder}: tensor {key} appears in two files")
-                self.stored[key] = t
-        try:
-            self.layout = detect_layout(self.stored)
-        except ValueError as e:
-            raise IdeoquantError(f"{folder}: {e}") from None
+        # An output folder must hold exactly the shards its index names (no stale-index fallback).
+        self.stored = TensorFolder.open(folder, strict=True, prefix="")
+        self.layout = layout_of(self.stored, str(folder))
 
     def _check_config(self, fmt: str) -> None:
         path = self.folder / "config.json"
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise IdeoquantError(f"{path}: missing") from None
-        except ValueError:
-            raise IdeoquantError(f"{path}: not valid JSON") from None
-        qc = config.get("quantization_config") if isinstance(config, dict) else None
+        if not path.is_file():
+            raise IdeoquantError(f"{path}: missing")
+        qc = read_config(self.folder).get("quantization_config")
         if not isinstance(qc, dict):
             raise IdeoquantError(f"{path}: no quantization_config")
         wanted = QUANT_METHODS.get(fmt)
         if wanted and qc.get("quant_method") != wanted:
             raise IdeoquantError(f"{path}: quant_method is {qc.get('quant_method')!r}, expected {wanted!r} for {fmt}")
-
-    def _files(self) -> list[SafetensorsFile]:
-        """Every safetensors file, opened (headers parsed); an index must name only keys its shards hold."""
-        indexes = sorted(self.folder.glob("*.safetensors.index.json"))
-        if not indexes:
-            singles = sorted(self.folder.glob("*.safetensors"))
-            if not singles:
-                raise IdeoquantError(f"{self.folder}: no .safetensors files")
-            return [SafetensorsFile(p) for p in singles]
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            weight_map = None
-        if not isinstance(weight_map, dict):
-            raise IdeoquantError(f"{indexes[0]}: malformed safetensors index")
-        files: dict[str, SafetensorsFile] = {}
-        for key, shard in weight_map.items():
-            if shard not in files:
-                if not (self.folder / shard).is_file():
-                    raise IdeoquantError(f"{indexes[0]}: shard {shard} is missing")
-                files[shard] = SafetensorsFile(self.folder / shard)
-            if key not in files[shard].tensors:
-                raise IdeoquantError(f"{indexes[0]}: {key} is not in {shard}")
-        unindexed = [k for name, f in files.items() for k in f.tensors if weight_map.get(k) != name]
-        if unindexed:
-            raise IdeoquantError(f"{indexes[0]}: {unindexed[0]} is in a shard but not in the index")
-        return list(files.values())
 
     def _keys(self, name: str) -> list[str]:
         """The stored key(s) of a report tensor: itself, or its split q/k/v parts."""
@@ -454,7 +392,7 @@ def verify_folder(folder: str | Path, source: str | None = None) -> dict:
     report = load_report(folder)
     entries = check_files(folder, report, load_card_table(folder))
     for branch, br in report["branches"].items():
-        check_inventory(branch, br.get("tensors", []))
+        check_report_inventory(branch, br.get("tensors", []))
     readers = {branch: open_outputs(folder, report, branch) for branch in report["branches"]}
     section = {
         "ideoquant_version": __version__,

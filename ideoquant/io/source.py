@@ -9,7 +9,6 @@ anything is written; and hands out canonical (fused) tensors in float32.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -24,16 +23,16 @@ from ..errors import IdeoquantError
 from ..model.inventory import (
     BRANCH_ALIASES,
     BRANCHES,
-    CONFIG_KEYS,
-    IDENTIFYING_TENSOR,
     Layout,
-    ModelDims,
-    detect_layout,
+    check_inventory,
     expected_tensors,
+    infer_dims,
+    layout_of,
     to_canonical_name,
     to_layout_names,
 )
 from .safetensors_reader import SafetensorsFile, StoredTensor
+from .tensor_folder import TensorFolder, find_safetensors, read_config
 
 log = logging.getLogger("ideoquant")
 
@@ -46,95 +45,34 @@ HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class BranchSource:
-    """One branch of a checkpoint: its files, layout and dims; tensors out by canonical name."""
+    """One branch of a checkpoint: its tensors, layout and dims; tensors out by canonical name."""
 
     branch: str
-    files: list[SafetensorsFile]
+    stored: TensorFolder
     config: dict | None = None
     origin: str = ""
-    prefix: str = ""
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._checksum = ""
         self._checksum_lock = threading.Lock()
-        self.stored: dict[str, StoredTensor] = {}
-        for f in self.files:
-            for name, t in f.tensors.items():
-                if self.prefix:
-                    if not name.startswith(self.prefix):
-                        continue
-                    name = name[len(self.prefix) :]
-                if name in self.stored:
-                    raise IdeoquantError(f"tensor {name!r} appears in both {self.stored[name].file.path} and {f.path}")
-                self.stored[name] = t
-        try:
-            self.layout: Layout = detect_layout(self.stored)
-        except ValueError as e:
-            raise IdeoquantError(f"{self.origin}: {e}") from None
-        self.dims = self._infer_dims()
+        self.files = self.stored.files
+        self.layout: Layout = layout_of(self.stored, self.origin)
+        self.dims = infer_dims(self.stored.shapes(), self.layout, self.branch, self.config)
         self.specs = {s.name: s for s in expected_tensors(self.dims)}
-
-    # --- inventory -----------------------------------------------------------------------
-    def _shape_of(self, canonical: str) -> tuple[int, ...]:
-        names = to_layout_names(canonical, self.layout)
-        if any(n not in self.stored for n in names):
-            raise IdeoquantError(f"{self.branch}: missing tensor {names[0]}")
-        shapes = [self.stored[n].shape for n in names]
-        if len(shapes) == 1:
-            return shapes[0]
-        return (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
-
-    def _infer_dims(self) -> ModelDims:
-        """Dims from tensor shapes, cross-checked with config.json when present."""
-        if IDENTIFYING_TENSOR not in self.stored:
-            raise IdeoquantError(f"{self.origin}: not an Ideogram 4 checkpoint (no {IDENTIFYING_TENSOR})")
-        layers = {int(m.group(1)) for n in self.stored if (m := re.match(r"layers\.(\d+)\.", n))}
-        if not layers:
-            raise IdeoquantError(f"{self.branch}: no transformer blocks (layers.N.*) found")
-        in_proj = self._shape_of("input_proj.weight")
-        dims = ModelDims(
-            in_channels=in_proj[1],
-            hidden=in_proj[0],
-            head_dim=self._shape_of("layers.0.attention.norm_q.weight")[0],
-            intermediate=self._shape_of("layers.0.feed_forward.w1.weight")[0],
-            adaln_dim=self._shape_of("adaln_proj.weight")[0],
-            llm_features=self._shape_of("llm_cond_norm.weight")[0],
-            num_layers=max(layers) + 1,
-        )
-        if dims.head_dim == 0 or dims.hidden % dims.head_dim:
-            raise IdeoquantError(f"{self.branch}: hidden width {dims.hidden} is not a multiple of head width {dims.head_dim}")
-        if self.config:
-            for key, attr in CONFIG_KEYS.items():
-                if key in self.config and int(self.config[key]) != getattr(dims, attr):
-                    raise IdeoquantError(
-                        f"{self.branch}: config.json {key}={self.config[key]} but tensors say {getattr(dims, attr)}"
-                    )
-            heads = self.config.get("num_attention_heads")
-            if heads is not None and int(heads) != dims.num_heads:
-                raise IdeoquantError(f"{self.branch}: config.json num_attention_heads={heads} but tensors say {dims.num_heads}")
-        return dims
 
     def validate(self) -> None:
         """Check every expected tensor is present with its exact shape; FP8 weights need scales."""
-        seen: set[str] = set()
-        for spec in self.specs.values():
-            names = to_layout_names(spec.name, self.layout)
-            for n in names:
-                if n not in self.stored:
-                    raise IdeoquantError(f"{self.branch}: missing tensor {n}")
-                seen.add(n)
-            shape = self._shape_of(spec.name)
-            if shape != spec.shape:
-                raise IdeoquantError(f"{self.branch}: tensor {names[0]} has shape {list(shape)}, expected {list(spec.shape)}")
-            for n in names:
-                t = self.stored[n]
-                if t.dtype not in FLOAT_WEIGHT_DTYPES:
-                    raise IdeoquantError(f"{self.branch}: tensor {n} has unsupported dtype {t.dtype}")
-                if t.dtype == torch.float8_e4m3fn:
-                    self._check_scale(n, t)
+        extra = set(check_inventory(self.stored.shapes(), self.layout, self.dims, self.branch))
+        for name, t in self.stored.items():
+            if name in extra:
+                continue
+            if t.dtype not in FLOAT_WEIGHT_DTYPES:
+                raise IdeoquantError(f"{self.branch}: tensor {name} has unsupported dtype {t.dtype}")
+            if t.dtype == torch.float8_e4m3fn:
+                self._check_scale(name, t)
         for n in self.stored:
-            if n in seen or n.endswith(KNOWN_COMPANIONS):
+            if n not in extra or n.endswith(KNOWN_COMPANIONS):
                 continue
             msg = f"{self.branch}: unknown extra tensor {n} (ignored)"
             self.warnings.append(msg)
@@ -233,58 +171,12 @@ class BranchSource:
         return sum(s.numel for s in self.specs.values())
 
 
-# --- locating the files of each branch -----------------------------------------------------
-
-def _branch_files(folder: Path) -> list[Path]:
-    """The safetensors files of a branch folder, honouring (or skipping a stale) index."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    singles = sorted(folder.glob("*.safetensors"))
-    if indexes:
-        index = indexes[0]
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise IdeoquantError(f"{index}: malformed safetensors index") from None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if not missing:
-            return [folder / s for s in shards]
-        whole = [p for p in singles if p.name not in shards]
-        if len(whole) == 1:
-            log.warning("%s names missing files (%s); using %s", index.name, ", ".join(missing), whole[0].name)
-            return whole
-        raise IdeoquantError(f"{index}: shard {missing[0]} is missing")
-    if not singles:
-        raise IdeoquantError(f"{folder}: no .safetensors files")
-    return singles
-
-
-def _read_config(folder: Path) -> dict | None:
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise IdeoquantError(f"{path}: config.json is not valid JSON") from None
-
-
 def _guess_branch(path: Path) -> str:
     return "unconditional_transformer" if "uncond" in path.name.lower() else "transformer"
 
 
-def _detect_prefix(files: list[SafetensorsFile]) -> str:
-    """A common name prefix (e.g. `model.diffusion_model.`) that some exporters add."""
-    for f in files:
-        for name in f.tensors:
-            if name.endswith(IDENTIFYING_TENSOR):
-                return name[: -len(IDENTIFYING_TENSOR)]
-    return ""
-
-
 def _open_branch(branch: str, paths: list[Path], config: dict | None, origin: str) -> BranchSource:
-    files = [SafetensorsFile(p) for p in paths]
-    return BranchSource(branch, files, config=config, origin=origin, prefix=_detect_prefix(files))
+    return BranchSource(branch, TensorFolder([SafetensorsFile(p) for p in paths], origin), config=config, origin=origin)
 
 
 def download_from_hub(repo_id: str, branches: tuple[str, ...]) -> Path:
@@ -342,9 +234,9 @@ def open_source(src: str | Path, branches: str = "both") -> Source:
             folder = path / b
             if not folder.is_dir():
                 raise IdeoquantError(f"{path}: pipeline folder has no {b}/")
-            found[b] = _open_branch(b, _branch_files(folder), _read_config(folder), origin)
+            found[b] = _open_branch(b, find_safetensors(folder), read_config(folder), origin)
     else:
-        found[lone_branch] = _open_branch(lone_branch, _branch_files(path), _read_config(path), origin)
+        found[lone_branch] = _open_branch(lone_branch, find_safetensors(path), read_config(path), origin)
     if not found:
         raise IdeoquantError(f"{src}: none of the requested branches ({branches}) is in this source")
     for bs in found.values():

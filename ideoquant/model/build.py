@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ..errors import IdeoquantError
-from .inventory import ModelDims
+from .inventory import ModelDims, TensorSpec, expected_tensors, to_layout_names
 
 
 def build_meta_transformer(config: dict | ModelDims) -> nn.Module:
@@ -77,3 +79,31 @@ def resident_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
+
+
+def transformer_from_tensors(
+    config: dict | ModelDims,
+    read: Callable[[str], torch.Tensor],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    linear_parts: Callable[[TensorSpec], list[nn.Module] | None] | None = None,
+    origin: str = "transformer",
+) -> nn.Module:
+    """A diffusers Ideogram 4 transformer filled from canonical tensors (`read(name)` -> float).
+
+    `linear_parts(spec)` may supply the module(s) of a linear instead of its dense weight
+    (one per diffusers module: q, k, v for qkv), e.g. FP8 linears kept as stored.
+    """
+    model = build_meta_transformer(config)
+    dims = ModelDims.from_config(model.config)
+    for spec in expected_tensors(dims):
+        names = to_layout_names(spec.name, "diffusers")
+        modules = linear_parts(spec) if linear_parts is not None and spec.kind == "linear" else None
+        if modules is not None:
+            for name, module in zip(names, modules, strict=True):
+                set_module(model, name[: -len(".weight")], module)
+            continue
+        tensor = read(spec.name).to(device=device, dtype=dtype)
+        for name, part in zip(names, tensor.chunk(len(names), dim=0)):
+            assign_tensor(model, name, part.contiguous())
+    return finalize_model(model, device, origin)

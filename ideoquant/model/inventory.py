@@ -62,6 +62,19 @@ class ModelDims:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_config(cls, config: Mapping) -> "ModelDims":
+        """The dims a diffusers `config.json` (or a model's `.config`) describes."""
+        return cls(
+            in_channels=int(config["in_channels"]),
+            hidden=int(config["attention_head_dim"]) * int(config["num_attention_heads"]),
+            head_dim=int(config["attention_head_dim"]),
+            intermediate=int(config["intermediate_size"]),
+            adaln_dim=int(config["adaln_dim"]),
+            llm_features=int(config["llm_features_dim"]),
+            num_layers=int(config["num_layers"]),
+        )
+
 
 # config.json key -> ModelDims field (num_attention_heads is checked through head_dim * heads).
 CONFIG_KEYS = {
@@ -146,15 +159,6 @@ def linear_specs(dims: ModelDims) -> list[TensorSpec]:
     return [s for s in expected_tensors(dims) if s.kind == "linear"]
 
 
-# Per-block linears that every GGUF of this model quantizes.
-BLOCK_LINEAR_SUFFIXES = (
-    "attention.qkv.weight",
-    "attention.o.weight",
-    "feed_forward.w1.weight",
-    "feed_forward.w2.weight",
-    "feed_forward.w3.weight",
-    "adaln_modulation.weight",
-)
 _BLOCK_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -162,12 +166,6 @@ def block_index(name: str) -> int | None:
     """The block number of a `layers.N.` name, else None."""
     m = _BLOCK_RE.match(name)
     return int(m.group(1)) if m else None
-
-
-def is_block_linear(name: str) -> bool:
-    """Whether a canonical name is one of the six per-block linear weights."""
-    m = _BLOCK_RE.match(name)
-    return bool(m) and m.group(2) in BLOCK_LINEAR_SUFFIXES
 
 
 # --- layouts ---------------------------------------------------------------------------

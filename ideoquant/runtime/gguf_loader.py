@@ -205,7 +205,8 @@ def load_gguf_transformer(
             assign_small(model, spec.name, reads.decoded(stored[spec.name], spec.shape), device, dtype)
     finally:
         reads.close()
-    del stored, reader
+    stored.clear()  # drop the reader's tensor views: the model holds what it needs
+    del reader
     model = finalize_model(model, device, origin)
     model.ideoquant_source = {"format": "gguf", "path": str(path), "branch": found}
     return model

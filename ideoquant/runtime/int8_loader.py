@@ -7,7 +7,6 @@ through an exact chunked fallback. No bf16 copy of an int8 weight is ever made.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,7 +14,20 @@ from torch import nn
 
 from ..codecs.int8 import dequantize_weight, int8_matmul, quantize_per_token
 from ..errors import IdeoquantError
-from ..model.inventory import detect_layout, to_layout_names
+from ..io.tensor_folder import TensorFolder, read_config
+from ..model.build import (
+    assign_tensor,
+    build_meta_transformer,
+    finalize_model,
+    set_module,
+)
+from ..model.inventory import (
+    check_inventory,
+    infer_dims,
+    layout_of,
+    model_config,
+    to_layout_names,
+)
 from .linear import QuantizedLinear, as_bytes, from_bytes
 
 
@@ -53,27 +65,11 @@ class Int8Linear(QuantizedLinear):
 
 # --- loading a converted folder ------------------------------------------------------------
 
-def _weight_files(folder: Path) -> list[Path]:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise IdeoquantError(f"{folder}: no .safetensors files")
-    return files
-
-
 def read_int8_config(folder: Path) -> dict:
     """The branch config.json, checked to be a compressed-tensors int-quantized checkpoint."""
-    path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except OSError:
-        raise IdeoquantError(f"{folder}: no config.json") from None
-    except ValueError:
-        raise IdeoquantError(f"{path}: not valid JSON") from None
-    qc = config.get("quantization_config") or {}
+    config = read_config(Path(folder), required=True)
+    qc = config.get("quantization_config")
+    qc = qc if isinstance(qc, dict) else {}
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "int-quantized":
         raise IdeoquantError(f"{folder}: not a compressed-tensors int-quantized checkpoint")
     return config
@@ -83,29 +79,18 @@ def load_int8_transformer(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
 ) -> nn.Module:
     """An `Ideogram4Transformer2DModel` with Int8Linear modules, loaded tensor by tensor from a converted folder."""
-    from safetensors import safe_open
-
-    from ..model.build import (
-        assign_tensor,
-        build_meta_transformer,
-        materialize_rotary,
-        meta_leftovers,
-        set_module,
-    )
-
     folder = Path(folder)
+    origin = str(folder)
     config = read_int8_config(folder)
     device = torch.device(device)
-    handles = {}
-    where: dict[str, Path] = {}
-    for path in _weight_files(folder):
-        handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        for name in handles[path].keys():
-            where[name] = path
-    layout = detect_layout(where)
-
-    def read(name: str) -> torch.Tensor:
-        return handles[where[name]].get_tensor(name)
+    stored = TensorFolder.open(folder)
+    # The checks every loader runs: one layout, all 458 tensors with their shapes, dims
+    # from the tensors cross-checked with config.json.
+    shapes = {n: s for n, s in stored.shapes().items() if not n.endswith(".weight_scale")}
+    layout = layout_of(shapes, origin)
+    dims = infer_dims(shapes, layout, origin, config)
+    for name in check_inventory(shapes, layout, dims, origin):
+        raise IdeoquantError(f"{origin}: unexpected tensor {name}")
 
     def split_rows(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         # A fused tensor goes to its diffusers names as equal row slices (q, k, v).
@@ -114,35 +99,31 @@ def load_int8_transformer(
         names = to_layout_names(name, "diffusers")
         return list(zip(names, tensor.chunk(len(names), dim=0)))
 
-    model = build_meta_transformer(config)
-    int8_modules = sorted(n[: -len(".weight_scale")] for n in where if n.endswith(".weight_scale"))
+    model = build_meta_transformer(model_config(dims, config))
+    int8_modules = sorted(n[: -len(".weight_scale")] for n in stored if n.endswith(".weight_scale"))
     consumed: set[str] = set()
     for module in int8_modules:
         weight_name, scale_name, bias_name = module + ".weight", module + ".weight_scale", module + ".bias"
-        weight, scale = read(weight_name), read(scale_name)
-        bias = read(bias_name) if bias_name in where else None
-        consumed.update(n for n in (weight_name, scale_name, bias_name) if n in where)
+        if weight_name not in stored or stored[weight_name].dtype != torch.int8:
+            raise IdeoquantError(f"{origin}: {scale_name} belongs to no int8 weight")
+        weight, scale = stored.read(weight_name), stored.read(scale_name)
+        if scale.numel() != weight.shape[0]:
+            raise IdeoquantError(f"{origin}: {scale_name} has {scale.numel()} scales for {weight.shape[0]} rows")
+        bias = stored.read(bias_name) if bias_name in stored else None
+        consumed.update(n for n in (weight_name, scale_name, bias_name) if n in stored)
         parts = len(split_rows(weight_name, weight))
         biases = [None] * parts if bias is None else [b.to(device, dtype) for _, b in split_rows(bias_name, bias)]
         for (dname, w_part), (_, s_part), b_part in zip(split_rows(weight_name, weight), split_rows(scale_name, scale), biases):
             linear = Int8Linear(w_part.contiguous().to(device), s_part.contiguous().to(device), b_part)
-            try:
-                set_module(model, dname[: -len(".weight")], linear)
-            except AttributeError:
-                raise IdeoquantError(f"{folder}: {module} is not a linear of this model") from None
-    for name in where:
+            set_module(model, dname[: -len(".weight")], linear)
+    for name in stored:
         if name in consumed:
             continue
-        tensor = read(name)
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        for dname, part in split_rows(name, tensor):
-            try:
-                assign_tensor(model, dname, part.contiguous().to(device))
-            except AttributeError:
-                raise IdeoquantError(f"{folder}: unexpected tensor {name}") from None
-    materialize_rotary(model, device)
-    missing = meta_leftovers(model)
-    if missing:
-        raise IdeoquantError(f"{folder}: tensors missing from the checkpoint: {', '.join(missing[:5])}")
-    return model.eval()
+        tensor = stored.read(name)
+        if not tensor.is_floating_point():
+            raise IdeoquantError(f"{origin}: tensor {name} has dtype {tensor.dtype}, expected a float type")
+        for dname, part in split_rows(name, tensor.to(dtype)):
+            assign_tensor(model, dname, part.contiguous().to(device))
+    model = finalize_model(model, device, origin)
+    model.ideoquant_source = {"format": "int8", "path": str(folder)}
+    return model

@@ -13,10 +13,8 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from ..codecs.nf4 import (
     NF4_BLOCKSIZE,
@@ -26,10 +24,10 @@ from ..codecs.nf4 import (
     parse_nf4_serialized,
 )
 from ..errors import IdeoquantError
+from ..io.tensor_folder import TensorFolder, read_config
 from ..model.build import build_meta_transformer, finalize_model
 from ..model.inventory import (
     check_inventory,
-    detect_prefix,
     infer_dims,
     layout_of,
     model_config,
@@ -163,59 +161,7 @@ def nf4_row_range(
 
 # --- reading a folder -------------------------------------------------------------------------
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a branch folder (through an index when its shards are all there)."""
-    for index in sorted(folder.glob("*.safetensors.index.json")):
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise IdeoquantError(f"{index}: malformed safetensors index") from None
-        if all((folder / s).is_file() for s in shards):
-            return [folder / s for s in shards]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise IdeoquantError(f"{folder}: no .safetensors files")
-    return files
-
-
-class LazyTensors(Mapping):
-    """Tensors of several safetensors files by name, each read from disk when asked for."""
-
-    def __init__(self, files: list[Path], prefix: str = "") -> None:
-        self._handles = []
-        self._where: dict[str, tuple[int, str]] = {}
-        for path in files:
-            try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types on damage
-                raise IdeoquantError(f"{path}: not a readable safetensors file ({e})") from None
-            self._handles.append(handle)
-            for key in handle.keys():
-                self._where[key] = (len(self._handles) - 1, key)
-        self.prefix = prefix or detect_prefix(self._where)
-        if self.prefix:
-            self._where = {k[len(self.prefix) :]: v for k, v in self._where.items() if k.startswith(self.prefix)}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        index, key = self._where[name]
-        return self._handles[index].get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._where
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """A stored tensor's shape without reading it."""
-        index, key = self._where[name]
-        return tuple(self._handles[index].get_slice(key).get_shape())
-
-
-def _quant_shape(tensors: LazyTensors, weight_name: str) -> tuple[int, ...]:
+def _quant_shape(tensors: Mapping[str, torch.Tensor], weight_name: str) -> tuple[int, ...]:
     """The logical shape recorded in an NF4 weight's quant state."""
     raw = tensors[f"{weight_name}.{QUANT_STATE}"]
     try:
@@ -225,7 +171,7 @@ def _quant_shape(tensors: LazyTensors, weight_name: str) -> tuple[int, ...]:
         raise IdeoquantError(f"{weight_name}: unreadable NF4 quant state") from None
 
 
-def _nested_state(tensors: LazyTensors, weight_name: str) -> NestedAbsmax | None:
+def _nested_state(tensors: Mapping[str, torch.Tensor], weight_name: str) -> NestedAbsmax | None:
     """The double-quantized absmax of an NF4 weight as stored, or None when absmax is plain float32."""
     if f"{weight_name}.nested_absmax" not in tensors:
         return None
@@ -259,12 +205,10 @@ def load_nf4_transformer(
     folder = Path(folder)
     device = torch.device(device)
     origin = str(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        raise IdeoquantError(f"{folder}: no readable config.json") from None
+    config = read_config(folder, required=True)
     check_nf4_config(config, origin)
-    tensors = LazyTensors(_safetensors_files(folder))
+    stored = TensorFolder.open(folder)
+    tensors = stored.tensors()
 
     quantized = {n[: -len("." + QUANT_STATE)] for n in tensors if n.endswith("." + QUANT_STATE)}
     fp4 = [n for n in tensors if n.endswith(".quant_state.bitsandbytes__fp4")]
@@ -274,7 +218,7 @@ def load_nf4_transformer(
     for name in tensors:
         if name.endswith(COMPANION_SUFFIXES):
             continue
-        shapes[name] = _quant_shape(tensors, name) if name in quantized else tensors.shape(name)
+        shapes[name] = _quant_shape(tensors, name) if name in quantized else stored[name].shape
     layout = layout_of(shapes, origin)
     dims = infer_dims(shapes, layout, origin, config)
     for name in check_inventory(shapes, layout, dims, origin):
@@ -346,4 +290,4 @@ def _to_device(nested: NestedAbsmax | None, device: torch.device) -> NestedAbsma
     )
 
 
-__all__ = ["LazyTensors", "NF4Linear", "check_nf4_config", "load_nf4_transformer", "nf4_row_range"]
+__all__ = ["NF4Linear", "check_nf4_config", "load_nf4_transformer", "nf4_row_range"]
