@@ -119,9 +119,6 @@ class TensorFolder(Mapping):
     def __len__(self) -> int:
         return len(self._stored)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._stored
-
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Stored name -> shape, without reading any data."""
         return {n: t.shape for n, t in self._stored.items()}
@@ -166,4 +163,4 @@ class _ReadOnAccess(Mapping):
         return len(self._folder)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._folder
+        return name in self._folder  # without reading the tensor, as Mapping's default would

@@ -30,14 +30,7 @@ from ..model.inventory import (
     normalize_branch,
     to_layout_names,
 )
-from .linear import (
-    LinearSlot,
-    QuantizedLinear,
-    assign_small,
-    install_linears,
-    read_bytes,
-    small_specs,
-)
+from .linear import LinearSlot, QuantizedLinear, assign_small, install_linears, read_bytes, small_specs
 
 log = logging.getLogger("ideoquant")
 
@@ -135,12 +128,8 @@ class _TensorData:
         self.fh.close()
 
 
-def load_gguf_transformer(
-    path: str | Path,
-    branch: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.nn.Module:
+def load_gguf_transformer(path: str | Path, branch: str | None = None, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     """An `Ideogram4Transformer2DModel` from one GGUF branch file, linears kept as ggml blocks."""
     path = Path(path)
     device = torch.device(device)

@@ -2,46 +2,49 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from gguf import GGMLQuantizationType
 
-from .base import GGMLType, fp16_bytes, fp16_from_bytes
+from .base import GGMLType
 
 
-class F32(GGMLType):
+class _FloatType(GGMLType):
+    """A type whose block is one value stored as a torch float dtype (little-endian)."""
+
+    block_size = 1
+    torch_dtype: ClassVar[torch.dtype]
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        return blocks.to(cls.torch_dtype).contiguous().view(torch.uint8).reshape(-1, cls.type_size)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return blocks.contiguous().view(cls.torch_dtype).to(torch.float32).reshape(-1, 1)
+
+
+class F32(_FloatType):
     qtype = GGMLQuantizationType.F32
-    block_size = 1
     type_size = 4
-
-    @classmethod
-    def quantize_blocks(cls, blocks, weights=None):
-        return blocks.to(torch.float32).contiguous().view(torch.uint8).reshape(-1, 4)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        return blocks.contiguous().view(torch.float32).reshape(-1, 1)
+    torch_dtype = torch.float32
 
 
-class F16(GGMLType):
+class F16(_FloatType):
+    """IEEE half precision, round to nearest even (torch's cast is ggml's `GGML_FP32_TO_FP16`)."""
+
     qtype = GGMLQuantizationType.F16
-    block_size = 1
     type_size = 2
-
-    @classmethod
-    def quantize_blocks(cls, blocks, weights=None):
-        return fp16_bytes(blocks.reshape(-1))
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        return fp16_from_bytes(blocks)
+    torch_dtype = torch.float16
 
 
-class BF16(GGMLType):
+class BF16(_FloatType):
     """bfloat16 with round-to-nearest-even, as ggml's `ggml_compute_fp32_to_bf16`."""
 
     qtype = GGMLQuantizationType.BF16
-    block_size = 1
     type_size = 2
+    torch_dtype = torch.bfloat16
 
     @classmethod
     def quantize_blocks(cls, blocks, weights=None):
@@ -51,8 +54,3 @@ class BF16(GGMLType):
         # ggml forces quiet NaNs: keep the sign and set the quiet bit.
         half = torch.where(is_nan, (bits >> 16) | 64, rounded) & 0xFFFF
         return half.to(torch.int32).to(torch.int16).view(torch.uint8).reshape(-1, 2)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        return blocks.contiguous().view(torch.bfloat16).to(torch.float32).reshape(-1, 1)
-
