@@ -165,7 +165,7 @@ def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, syntheti
     if inputs[0] == "merge":
         if len(inputs) < 2:
             raise IdeoquantError("calibrate merge needs statistics files to merge")
-        calibration.merge_statistics(list(inputs[1:]), out, overwrite=overwrite)
+        merge_statistics(list(inputs[1:]), out, overwrite=overwrite)
         click.echo(f"merged {len(inputs) - 1} statistics files into {out}")
         return
     if len(inputs) != 1:
@@ -177,9 +177,11 @@ def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, syntheti
             shard_pair = (i, n)
         except ValueError:
             raise IdeoquantError(f"--shard must look like 0/4, not {shard!r}") from None
-    calibration.calibrate(inputs[0], out, prompts=prompts, synthetic=synthetic, steps=steps, resolution=resolution,
-                          seed=seed, branches=branches, max_samples=max_samples, device=device, shard=shard_pair,
-                          overwrite=overwrite, quiet=quiet)
+    options = CalibrateOptions(
+        prompts=prompts, synthetic=synthetic, steps=steps, resolution=resolution, seed=seed, branches=branches,
+        max_samples=max_samples, device=device, shard=shard_pair, overwrite=overwrite, quiet=quiet,
+    )
+    run_calibration(inputs[0], out, options)
     click.echo(f"wrote {out}")
 
 

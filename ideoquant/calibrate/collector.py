@@ -15,7 +15,7 @@ from .statistics import (
     DEFAULT_MAX_SAMPLES,
     TIMESTEP_BINS,
     LinearStatistics,
-    _stable_int,
+    stable_int,
 )
 
 # Which rows of a linear's input carry information.
@@ -152,5 +152,5 @@ class StatisticsCollector:
         return hook
 
     def _keys(self, branch: str, call: int, module: str, n: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_stable_int(self.seed, self.input_id, branch, call, module))
+        gen = torch.Generator().manual_seed(stable_int(self.seed, self.input_id, branch, call, module))
         return torch.rand(n, generator=gen, dtype=torch.float64)

@@ -10,7 +10,7 @@ import torch
 from .statistics import SAMPLE_DTYPE, LinearStatistics
 
 
-def _distributed() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed under torchrun when it is not yet."""
     import torch.distributed as dist
 
@@ -21,7 +21,7 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _reduce_statistics(stats: dict[str, dict[str, LinearStatistics]], energies: dict[str, dict[str, torch.Tensor]],
+def reduce_statistics(stats: dict[str, dict[str, LinearStatistics]], energies: dict[str, dict[str, torch.Tensor]],
                        max_samples: int) -> None:
     """Combine every rank's statistics in place (max, sums, bottom-k samples)."""
     import torch.distributed as dist

@@ -13,7 +13,7 @@ import torch
 from ..errors import IdeoquantError
 from ..model.inventory import ModelDims
 from ..model.sequence import packed_layout
-from .statistics import _stable_int
+from .statistics import stable_int
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ def synthetic_calls(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Forward inputs of one synthetic sample: `steps` noisy latents at times spread over [0, 1]."""
     grid = resolution // 16
-    gen = torch.Generator().manual_seed(_stable_int(seed, "synthetic", index))
+    gen = torch.Generator().manual_seed(stable_int(seed, "synthetic", index))
     # One heavy-tailed channel profile for every seed and input, as one text encoder would give.
-    profile = torch.Generator().manual_seed(_stable_int("text channel profile", dims.llm_features))
+    profile = torch.Generator().manual_seed(stable_int("text channel profile", dims.llm_features))
     channel_scale = torch.exp(0.8 * torch.randn(dims.llm_features, generator=profile))
     noise = torch.randn((1, grid * grid, dims.in_channels), generator=gen)
     clean = 0.8 * torch.randn((1, grid * grid, dims.in_channels), generator=gen)

@@ -22,8 +22,10 @@ saw it or in what order, so shards merge exactly: keep the k smallest keys of th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from ..errors import IdeoquantError
 from ..io.source import BranchSource, Source, open_source
 from ..model.inventory import BRANCH_ALIASES
 from .collector import StatisticsCollector
-from .distributed import _distributed, _reduce_statistics
+from .distributed import rank_and_world, reduce_statistics
 from .inputs import CalibrationPrompt, guidance_schedule, read_prompts, synthetic_calls
 from .source_model import load_source_transformer
 from .statistics import (
@@ -41,7 +43,7 @@ from .statistics import (
     STATS_FORMAT,
     STATS_VERSION,
     CalibrationStatistics,
-    _stable_int,
+    stable_int,
     timestep_bin_edges,
 )
 
@@ -51,19 +53,9 @@ log = logging.getLogger("ideoquant")
 DEFAULT_RESOLUTION = 1024
 
 
-# --- per-linear statistics ---------------------------------------------------------------
 
 
-# --- the model, loaded from the source reader ------------------------------------------------
 
-
-# --- recording -------------------------------------------------------------------------------
-
-
-# --- inputs ----------------------------------------------------------------------------------
-
-
-# --- distributed reduction -------------------------------------------------------------------
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -74,33 +66,40 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def calibrate(
-    src: str | Path,
-    out: str | Path,
-    *,
-    prompts: str | Path | None = None,
-    synthetic: bool = False,
-    steps: int = 20,
-    resolution: int | None = None,
-    seed: int = 0,
-    branches: str = "both",
-    synthetic_inputs: int = 8,
-    text_tokens: int = 64,
-    max_samples: int = DEFAULT_MAX_SAMPLES,
-    max_sequence_length: int = 2048,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    offload: bool | None = None,
-    keep_fp8: bool | None = None,
-    shard: tuple[int, int] | None = None,
-    overwrite: bool = False,
-    quiet: bool = False,
-) -> CalibrationStatistics:
+@dataclass
+class CalibrateOptions:
+    """Everything a calibration run can be told; the defaults are the command's."""
+
+    prompts: str | Path | None = None
+    synthetic: bool = False
+    steps: int = 20
+    resolution: int | None = None
+    seed: int = 0
+    branches: str = "both"
+    synthetic_inputs: int = 8
+    text_tokens: int = 64
+    max_samples: int = DEFAULT_MAX_SAMPLES
+    max_sequence_length: int = 2048
+    device: str | torch.device | None = None
+    dtype: torch.dtype | None = None
+    offload: bool | None = None
+    keep_fp8: bool | None = None
+    shard: tuple[int, int] | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+
+def calibrate(src: str | Path, out: str | Path, options: CalibrateOptions | None = None, **settings) -> CalibrationStatistics:
     """Run the model over prompts (full pipeline) or synthetic inputs and write the statistics file.
 
     `shard=(i, n)` keeps every n-th input from the i-th, for runs on separate machines that
     `merge_statistics` combines later; under torchrun the ranks split the inputs further.
+    `settings` are CalibrateOptions fields, for calls that set only a few of them.
     """
+    o = dataclasses.replace(options or CalibrateOptions(), **settings)
+    prompts, synthetic, steps, resolution, seed, branches = o.prompts, o.synthetic, o.steps, o.resolution, o.seed, o.branches
+    synthetic_inputs, text_tokens, max_samples = o.synthetic_inputs, o.text_tokens, o.max_samples
+    device, dtype, keep_fp8, shard_index, shard_count = o.device, o.dtype, o.keep_fp8, *(o.shard or (0, 1))
     if (prompts is None) == (not synthetic):
         raise IdeoquantError("calibrate needs exactly one of --prompts FILE or --synthetic")
     if steps < 1:
@@ -109,16 +108,15 @@ def calibrate(
         raise IdeoquantError(f"--resolution must be a positive multiple of 16, not {resolution}")
     if branches not in BRANCH_ALIASES:
         raise IdeoquantError(f"--branches must be cond, uncond or both, not {branches!r}")
-    shard_index, shard_count = shard or (0, 1)
     if not 0 <= shard_index < shard_count:
         raise IdeoquantError(f"shard {shard_index} of {shard_count} does not exist")
     out = Path(out)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     device = torch.device(device) if device is not None else _default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # FP8 kept in memory where it matters (GPU); on the CPU, fp8 -> float per forward is slow.
     keep_fp8 = device.type == "cuda" if keep_fp8 is None else keep_fp8
-    if out.exists() and not overwrite:
+    if out.exists() and not o.overwrite:
         raise IdeoquantError(f"{out} already exists (use --overwrite to replace it)")
     wanted = BRANCH_ALIASES[branches]
     # The prompt path runs both transformers (guidance mixes them), whatever is recorded.
@@ -129,16 +127,16 @@ def calibrate(
         records = read_prompts(prompts)[shard_index::shard_count]
         ids = [r.id for r in records]
         _run_pipeline(source, collector, wanted, records[rank::world], steps, resolution, seed, device, dtype,
-                      max_sequence_length, offload, keep_fp8, quiet or rank != 0)
+                      o.max_sequence_length, o.offload, keep_fp8, o.quiet or rank != 0)
         run = {"mode": "prompts", "prompts_file": str(prompts), "prompts": [r.text for r in records], "steps": steps,
-               "resolution": resolution or "per prompt", "seed": seed, "max_sequence_length": max_sequence_length}
+               "resolution": resolution or "per prompt", "seed": seed, "max_sequence_length": o.max_sequence_length}
     else:
         chosen = list(range(synthetic_inputs))[shard_index::shard_count]
         ids = [f"synthetic:{seed}:{i}" for i in chosen]
         mine = list(zip(chosen, ids))[rank::world]
         for branch in wanted:
             _run_synthetic(source.branches[branch], collector, mine, steps, resolution or DEFAULT_RESOLUTION,
-                           text_tokens, seed, device, dtype, keep_fp8, quiet or rank != 0)
+                           text_tokens, seed, device, dtype, keep_fp8, o.quiet or rank != 0)
         run = {"mode": "synthetic", "prompts": None, "inputs": len(chosen), "steps": steps,
                "resolution": resolution or DEFAULT_RESOLUTION, "seed": seed, "text_tokens": text_tokens}
     run["shard"] = [shard_index, shard_count]
@@ -146,7 +144,7 @@ def calibrate(
     stats = {b: collector.stats.get(b, {}) for b in wanted}
     energies = {b: collector.energies.get(b, {}) for b in wanted}
     if world > 1:
-        _reduce_statistics(stats, energies, max_samples)
+        reduce_statistics(stats, energies, max_samples)
     stats = {b: {k: v.to("cpu") for k, v in modules.items() if v.count} for b, modules in stats.items()}
     energies = {b: {k: v.cpu() for k, v in blocks.items()} for b, blocks in energies.items()}
     run.update({"world_size": world, "dtype": str(dtype).replace("torch.", "")})
@@ -164,7 +162,7 @@ def calibrate(
     }
     result = CalibrationStatistics(stats, metadata, energies)
     if rank == 0:
-        result.save(out, overwrite=overwrite)
+        result.save(out, overwrite=o.overwrite)
     if world > 1:
         import torch.distributed as dist
 
@@ -233,7 +231,7 @@ def _run_pipeline(source: Source, collector: StatisticsCollector, wanted: tuple[
     with _progress(len(prompts), quiet, "prompts") as bar:
         for p in prompts:
             collector.begin_input(p.id)
-            generator = torch.Generator().manual_seed(_stable_int(seed, p.id if p.seed is None else p.seed))
+            generator = torch.Generator().manual_seed(stable_int(seed, p.id if p.seed is None else p.seed))
             height = resolution or p.height or DEFAULT_RESOLUTION
             width = resolution or p.width or DEFAULT_RESOLUTION
             pipe(

@@ -53,7 +53,7 @@ def statistics_key(module: str) -> str:
     return canonical
 
 
-def _stable_int(*parts: object) -> int:
+def stable_int(*parts: object) -> int:
     """A 63-bit integer from the parts, identical on every machine and process."""
     digest = hashlib.blake2b("|".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
