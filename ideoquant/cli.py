@@ -159,7 +159,9 @@ def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, syntheti
               resolution: int | None, seed: int, branches: str, max_samples: int, device: str | None,
               shard: str | None, overwrite: bool, quiet: bool) -> None:
     """Record activation statistics: `calibrate SRC --out STATS` or `calibrate merge A B ... --out STATS`."""
-    from .calibrate.run import run as calibration
+    from .calibrate.run import CalibrateOptions
+    from .calibrate.run import calibrate as run_calibration
+    from .calibrate.statistics import merge_statistics
 
     _setup_logging(quiet)
     if inputs[0] == "merge":

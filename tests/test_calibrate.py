@@ -280,3 +280,30 @@ def test_prompt_calibration_runs_the_pipeline(tmp_path):
     run = saved.metadata["runs"][0]
     assert run["mode"] == "prompts" and run["prompts"] == texts and run["steps"] == steps
     assert saved.metadata["checksums"]["transformer"] == open_source(tmp_path / "pipe").branches["transformer"].checksum()
+
+
+def test_command_line_calibrates_and_merges_shards(src, tmp_path):
+    """`ideoquant calibrate` through the CLI: two shards, merged, hold the inputs of one run."""
+    from click.testing import CliRunner
+
+    from ideoquant.cli import main
+
+    runner = CliRunner()
+    parts = []
+    for i in range(2):
+        part = tmp_path / f"part{i}.safetensors"
+        res = runner.invoke(main, ["calibrate", str(src), "--synthetic", "--steps", "1", "--resolution", "64",
+                                   "--branches", "cond", "--shard", f"{i}/2", "--out", str(part), "--quiet"])
+        assert res.exit_code == 0, res.output
+        parts.append(part)
+    merged = tmp_path / "merged.safetensors"
+    res = runner.invoke(main, ["calibrate", "merge", *map(str, parts), "--out", str(merged)])
+    assert res.exit_code == 0, res.output
+    stats = load_statistics(merged)
+    shards = [load_statistics(p) for p in parts]
+    assert sorted(stats.metadata["inputs"]) == sorted(shards[0].metadata["inputs"] + shards[1].metadata["inputs"])
+    module = "layers.0.feed_forward.w2"
+    counts = [s.branches["transformer"][module].count for s in shards]
+    assert stats.branches["transformer"][module].count == sum(counts) > 0
+    res = runner.invoke(main, ["calibrate", str(src), "--synthetic", "--shard", "2/2", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "shard 2 of 2 does not exist" in res.output
