@@ -7,7 +7,6 @@ where `attention.qkv` is split into `to_q/to_k/to_v` and `attention.o` is `to_ou
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -157,15 +156,6 @@ def expected_tensors(dims: ModelDims) -> list[TensorSpec]:
 def linear_specs(dims: ModelDims) -> list[TensorSpec]:
     """The weight tensors of every nn.Linear of a branch (211 at 34 blocks), canonical names."""
     return [s for s in expected_tensors(dims) if s.kind == "linear"]
-
-
-_BLOCK_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-def block_index(name: str) -> int | None:
-    """The block number of a `layers.N.` name, else None."""
-    m = _BLOCK_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 # --- layouts ---------------------------------------------------------------------------

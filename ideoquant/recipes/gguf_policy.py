@@ -1,4 +1,4 @@
-"""The recipe: which type every tensor gets, decided in one place for every format.
+"""The GGUF recipe: which ggml type every tensor gets, for every GGUF format and mix.
 
 Mechanism (encoders, writers) lives elsewhere; this module only chooses. `inspect` and
 the file metadata show the choice per tensor with the reason for it.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 
-from ..model.inventory import ModelDims, TensorSpec, expected_tensors
+from ..model.inventory import ModelDims, expected_tensors
 
 GGUF_FORMATS: dict[str, QT] = {
     "f32": QT.F32,
@@ -93,10 +93,3 @@ def gguf_tensor_types(dims: ModelDims, fmt: str) -> list[TensorChoice]:
         choices.append(TensorChoice(spec.name, spec.shape, wanted, reason))
     return choices
 
-
-# --- linears kept in higher precision (INT8 and NF4) -----------------------------------
-
-
-def linear_modules(dims: ModelDims) -> list[TensorSpec]:
-    """Every linear weight spec of a branch, in canonical order."""
-    return [s for s in expected_tensors(dims) if s.kind == "linear"]
