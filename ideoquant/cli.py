@@ -107,8 +107,12 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--imatrix", default=None, help="GGUF K-quants/Q4_0: 'ones' or a calibration statistics file.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None, help="INT8: statistics from `calibrate`.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="INT8: fixed SmoothQuant alpha.")
-@click.option("--protect", type=click.IntRange(0), default=17, show_default=True,
-              help="INT8: keep the N linears with the worst measured error in bf16.")
+@click.option("--protect-budget", default=None,
+              help="INT8: bf16 bytes per branch for the linears with the best measured error reduction per byte: "
+                   "a fraction of the int8-eligible linear weights (0.11, 11%) or a size (1.5GiB). "
+                   "Default: the paper's share, 17 of 34 feed_forward.w2 (about 11%).")
+@click.option("--protect", type=click.IntRange(0), default=None,
+              help="INT8: instead of a budget, keep the N linears with the largest measured impact in bf16.")
 @click.option("--protect-pattern", "protect_patterns", multiple=True, help="Keep linears matching this glob in bf16.")
 @click.option("--all-linears", is_flag=True, help="NF4: quantize the one-row adaLN linears too.")
 @click.option("--double-quant", is_flag=True, help="NF4: quantize the absmax statistics too.")
@@ -119,18 +123,24 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, calibration: Path | None,
-            alpha: float | None, protect: int, protect_patterns: tuple[str, ...], all_linears: bool,
+            alpha: float | None, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
             double_quant: bool, layout: str, base_model: str | None, overwrite: bool, quiet: bool) -> None:
     """Convert SRC (folder, file or Hub repo id) to FORMAT under OUT, then verify it."""
     from .export.convert import convert as run_convert
     from .export.options import ConvertOptions
     from .export.report import summary_table
 
+    from .recipes.int8_policy import DEFAULT_PROTECT_BUDGET, parse_protect_budget
+
     _setup_logging(quiet)
+    if protect is not None and protect_budget is not None:
+        raise IdeoquantError("give --protect N or --protect-budget, not both")
+    budget = DEFAULT_PROTECT_BUDGET if protect_budget is None else parse_protect_budget(protect_budget)
     options = ConvertOptions(
         fmt=fmt, out=out, branches=branches, overwrite=overwrite, quiet=quiet, imatrix=imatrix,
-        calibration=calibration, alpha=alpha, protect=protect, protect_patterns=protect_patterns,
-        all_linears=all_linears, double_quant=double_quant, layout=layout, base_model=base_model,
+        calibration=calibration, alpha=alpha, protect_budget=budget, protect=protect,
+        protect_patterns=protect_patterns, all_linears=all_linears, double_quant=double_quant, layout=layout,
+        base_model=base_model,
     )
     results = run_convert(src, options)
     click.echo(summary_table(results))

@@ -29,8 +29,6 @@ def run_demo(out: Path, formats: tuple[str, ...] = DEMO_FORMATS, seed: int = 0) 
 
             stats = stats or calibrate_synthetic(source, out / "calibration.safetensors")
             options.calibration = stats
-            # About the paper's share (17 of 211): a 2-block model has 13 candidate linears.
-            options.protect = 2
         for r in convert(str(source), options):
             err = r.error_summary()
             rows.append([

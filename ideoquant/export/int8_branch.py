@@ -38,6 +38,7 @@ from ..model.inventory import (
     to_layout_names,
 )
 from ..recipes.formats import check_layout
+from ..recipes.int8_policy import parse_protect_budget
 from .options import (
     BranchResult,
     ConvertOptions,
@@ -243,7 +244,12 @@ def write_int8_branch(
     if options.alpha is not None and not 0.0 <= options.alpha <= 1.0:
         raise IdeoquantError(f"--alpha must lie in [0, 1], not {options.alpha}")
     stats = load_branch_statistics(Path(options.calibration), bs)
-    settings = Int8Settings(alpha=options.alpha, protect=options.protect, protect_patterns=tuple(options.protect_patterns))
+    settings = Int8Settings(
+        alpha=options.alpha,
+        protect_budget=parse_protect_budget(options.protect_budget),
+        protect=options.protect,
+        protect_patterns=tuple(options.protect_patterns),
+    )
     gains = residual_gains(stats.energies.get(bs.branch, {}))
     recipe = plan_int8(bs.dims, bs.read_float32, stats.branch(bs.branch), settings, gains)
     summary = calibration_summary(stats, Path(options.calibration), bs)

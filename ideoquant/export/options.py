@@ -12,6 +12,7 @@ from .. import __version__
 from ..io.source import BranchSource, Source
 from ..io.staging import OutputSet
 from ..recipes.formats import DEFAULT_LAYOUT
+from ..recipes.int8_policy import DEFAULT_PROTECT_BUDGET, ProtectBudget
 
 
 @dataclass
@@ -26,7 +27,10 @@ class ConvertOptions:
     imatrix: str | None = None  # GGUF: None, "ones", or a calibration statistics file
     calibration: Path | None = None  # INT8: statistics file from `ideoquant calibrate`
     alpha: float | None = None  # INT8: fixed SmoothQuant alpha (None = searched per linear)
-    protect: int = 17  # INT8: the N linears with the worst measured W8A8 error stay bf16
+    # INT8 protection: a budget of bf16 bytes (fraction of the int8-eligible weights or a size)
+    # spent on the linears with the best measured error reduction per byte...
+    protect_budget: ProtectBudget | str | float = DEFAULT_PROTECT_BUDGET
+    protect: int | None = None  # ...or an explicit count: the N largest measured impacts stay bf16
     protect_patterns: tuple[str, ...] = ()
     all_linears: bool = False  # NF4: quantize the one-row adaLN linears too (as the official release)
     double_quant: bool = False  # NF4

@@ -16,8 +16,10 @@ inference time:
 Alpha is chosen per group by the W8A8 output error measured on the calibration sample
 rows (with "no smoothing" as one of the candidates). Every linear's remaining error,
 scaled to what it does to the residual stream (a block linear's branch adds only a
-fraction of the stream, measured during calibration), ranks it for protection: the N
-worst stay in bf16.
+fraction of the stream, measured during calibration), is its impact. Protection spends a
+budget of bf16 bytes (`recipes.int8_policy`): linears are taken by measured error reduction
+per protected byte (impact^2 / bytes: independent errors add in quadrature) while they fit.
+`protect=N` keeps the N largest impacts instead; `--protect-pattern` matches are kept on top.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from ..calibrate.statistics import LinearStatistics, statistics_key
 from ..codecs.int8 import int8_matmul, quantize_per_token, quantize_weight_per_channel
 from ..errors import IdeoquantError
 from ..model.inventory import ModelDims, expected_tensors
-from ..recipes.int8_policy import ALPHA_GRID, DEFAULT_PROTECT, MIN_ABSMAX
+from ..recipes.int8_policy import (
+    ALPHA_GRID,
+    DEFAULT_PROTECT_BUDGET,
+    MIN_ABSMAX,
+    PROTECTED_BYTES_PER_WEIGHT,
+    ProtectBudget,
+    int8_eligible_weights,
+)
 from ..recipes.linears import matches_patterns, one_row_linears
 from ..recipes.smoothquant_map import (
     FACTORS_FOLDER,
@@ -41,6 +50,7 @@ from ..recipes.smoothquant_map import (
     SmoothGroup,
     smoothing_groups,
 )
+from .report import human_bytes
 
 # Bounds on a smoothing factor: beyond them a channel is numerically dead, not an outlier.
 MIN_FACTOR, MAX_FACTOR = 1e-4, 1e4
@@ -105,7 +115,8 @@ class Int8Settings:
 
     alpha: float | None = None  # None: searched per group; a value forces it (0.5 is the paper's)
     smooth: bool = True  # False: no SmoothQuant at all (plain W8A8)
-    protect: int = DEFAULT_PROTECT  # the N linears with the worst measured error stay bf16
+    protect_budget: ProtectBudget | None = DEFAULT_PROTECT_BUDGET  # bf16 bytes spent on measured choices
+    protect: int | None = None  # an explicit count instead: the N largest measured impacts stay bf16
     protect_patterns: tuple[str, ...] = ()
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     max_rows: int | None = None  # sample rows used per linear (None: all recorded)
@@ -124,6 +135,7 @@ class LinearChoice:
     error: float | None = None  # measured W8A8 relative output error with the chosen alpha
     error_plain: float | None = None  # the same without smoothing
     impact: float | None = None  # error scaled by the linear's gain into the residual stream (the ranking)
+    weights: int = 0
     note: str = ""
 
 
@@ -137,6 +149,7 @@ class Int8Recipe:
     linears: dict[str, LinearChoice]
     factors: dict[str, torch.Tensor] = field(default_factory=dict)  # active groups only
     alphas: dict[str, float | None] = field(default_factory=dict)
+    protection: dict = field(default_factory=dict)  # the budget, what it bought, each linear's gain
 
     @property
     def quantized(self) -> list[str]:
@@ -202,6 +215,7 @@ class Int8Recipe:
             "quantized": len(self.quantized),
             "kept": self.kept,
             "protected": self.protected,
+            "protection": self.protection,
             "alphas": {g: rounded(a) for g, a in self.alphas.items()},
             "linears": {
                 m: {
@@ -298,16 +312,23 @@ def plan_int8(
     # Canonical order for the output and for ties in the ranking.
     order = {s.module: i for i, s in enumerate(expected_tensors(dims))}
     linears = dict(sorted(linears.items(), key=lambda kv: order[kv[0]]))
+    weights = int8_eligible_weights(dims)
     for c in linears.values():
+        c.weights = weights.get(c.module, 0)
         if c.error is not None:
             c.impact = c.error * (gains.get(c.module, 1.0) if gains else 1.0)
-    measured = [c for c in linears.values() if c.quantized and c.impact is not None]
-    ranked = sorted(measured, key=lambda c: (-c.impact, order[c.module]))
-    for c in ranked[: max(0, settings.protect)]:
-        c.quantized, c.kept = False, f"measured: W8A8 impact {c.impact:.4g} among the {settings.protect} worst"
+    protection = protect_linears(linears, settings, dims, order)
     for m, c in linears.items():
         if c.quantized and settings.protect_patterns and matches_patterns(m, list(settings.protect_patterns)):
             c.quantized, c.kept = False, "pattern: --protect-pattern"
+    protection["patterns"] = [m for m, c in linears.items() if c.kept == "pattern: --protect-pattern"]
+    if not any(c.quantized for c in linears.values()):
+        kept = sum(1 for c in linears.values() if not c.quantized)
+        raise IdeoquantError(
+            f"no linear left in int8: all {kept} are kept in bf16 "
+            f"({protection['describe']}{', --protect-pattern' if protection['patterns'] else ''}); "
+            "lower --protect-budget or --protect"
+        )
 
     # A group whose linears all stay bf16 gains nothing from smoothing: leave its fold target as is.
     for group in groups:
@@ -317,4 +338,60 @@ def plan_int8(
             for m in group.linears:
                 linears[m].alpha = None
                 linears[m].note = "kept in bf16: not smoothed"
-    return Int8Recipe(dims, settings, groups, linears, factors, alphas)
+    return Int8Recipe(dims, settings, groups, linears, factors, alphas, protection)
+
+
+def _rss(values: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
+
+def protect_linears(linears: dict[str, LinearChoice], settings: Int8Settings, dims: ModelDims, order: dict[str, int]) -> dict:
+    """Keep the measured linears the settings ask for in bf16 (budget or count); return what was spent and bought."""
+    measured = [c for c in linears.values() if c.quantized and c.impact is not None]
+    eligible_bytes = sum(int8_eligible_weights(dims).values()) * PROTECTED_BYTES_PER_WEIGHT
+    chosen: list[LinearChoice] = []
+    if settings.protect is not None:
+        if settings.protect < 0:
+            raise IdeoquantError(f"--protect must be at least 0, not {settings.protect}")
+        ranked = sorted(measured, key=lambda c: (-c.impact, order[c.module]))
+        chosen = ranked[: settings.protect]
+        budget_bytes = None
+        describe = f"--protect {settings.protect}: the {settings.protect} largest measured impacts"
+        reason = f"among the {settings.protect} largest"
+    elif settings.protect_budget is not None:
+        budget_bytes = settings.protect_budget.bytes_for(dims)
+        describe = f"budget {settings.protect_budget.describe()} ({human_bytes(budget_bytes)} of bf16)"
+        # Error reduction per protected byte: protecting a linear removes its impact^2 from the
+        # summed squared error. Greedy by that ratio, skipping what no longer fits.
+        ranked = sorted(measured, key=lambda c: (-(c.impact**2) / max(c.weights, 1), order[c.module]))
+        spent = 0
+        for c in ranked:
+            cost = c.weights * PROTECTED_BYTES_PER_WEIGHT
+            if c.impact > 0 and spent + cost <= budget_bytes:
+                chosen.append(c)
+                spent += cost
+        reason = "best error reduction per byte within the budget"
+    else:
+        budget_bytes, describe, reason = None, "no protection", ""
+    for c in chosen:
+        c.quantized, c.kept = False, f"measured: W8A8 impact {c.impact:.4g}, {reason}"
+    before = _rss([c.impact for c in measured])
+    after = _rss([c.impact for c in measured if c.quantized])
+    total_sq = sum(c.impact**2 for c in measured) or 1.0
+    return {
+        "describe": describe,
+        "budget_bytes": budget_bytes,
+        "eligible_bytes": eligible_bytes,
+        "spent_bytes": sum(c.weights for c in chosen) * PROTECTED_BYTES_PER_WEIGHT,
+        "impact_rss_before": float(f"{before:.6g}"),
+        "impact_rss_after": float(f"{after:.6g}"),
+        "linears": {
+            c.module: {
+                "bytes": c.weights * PROTECTED_BYTES_PER_WEIGHT,
+                "impact": float(f"{c.impact:.6g}"),
+                "share_of_squared_impact": float(f"{c.impact**2 / total_sq:.4g}"),
+            }
+            for c in chosen
+        },
+    }
+
