@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from ideoquant.calibrate.run import calibrate
+from ideoquant.calibrate.source_model import load_source_transformer
 from ideoquant.errors import IdeoquantError
+from ideoquant.export.convert import convert
+from ideoquant.export.options import ConvertOptions
+from ideoquant.io.source import open_source
+from ideoquant.io.synthetic import write_synthetic_pipeline
 from ideoquant.model.inventory import ModelDims
 from ideoquant.runtime.gguf_loader import GGUFLinear
+from ideoquant.runtime.int8_loader import Int8Linear
 from ideoquant.runtime.nf4_loader import NF4Linear
 from ideoquant.runtime.pipeline import branch_paths, load_pipeline, load_transformer
 
@@ -154,6 +161,54 @@ def test_branch_paths_forms(tmp_path):
 def test_bad_base_raises(gguf_out, tmp_path):
     with pytest.raises(IdeoquantError, match="cannot load the base pipeline"):
         load_pipeline(gguf_out, base=tmp_path / "no-such-pipeline", dtype=torch.float32)
+
+
+# Relative distance of the INT8 pipeline's latents to the bf16 source pipeline's (two denoising
+# steps from the same noise, the default recipe), measured 0.0044, and 0.0044 of what the
+# transformers moved the latents by; the bf16 pipeline from another noise lies 1.27 away.
+INT8_LATENT_BOUND = 0.02
+INT8_MOVE_BOUND = 0.02
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory):
+    """An FP8 source of the tiny pipeline's dims, calibrated, converted to INT8 with the defaults."""
+    root = tmp_path_factory.mktemp("int8_pipeline")
+    write_synthetic_pipeline(root / "source", dims=DIMS, seed=5)
+    calibrate(root / "source", root / "stats.safetensors", synthetic=True, steps=2, resolution=64,
+              synthetic_inputs=2, text_tokens=8, max_samples=64, quiet=True)
+    convert(str(root / "source"), ConvertOptions(fmt="int8", out=root / "int8", calibration=root / "stats.safetensors", quiet=True))
+    return root
+
+
+def test_int8_pipeline_latents_match_the_bf16_pipeline(base, int8_run):
+    """No mocks: the INT8 folder through load_pipeline against the source transformers in bf16."""
+    from diffusers import Ideogram4Pipeline
+
+    pipe = load_pipeline(int8_run / "int8", base=base, dtype=torch.bfloat16)
+    source = open_source(int8_run / "source")
+    for name in ("transformer", "unconditional_transformer"):
+        linears = [m for m in getattr(pipe, name).modules() if isinstance(m, Int8Linear)]
+        assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+    ref = Ideogram4Pipeline.from_pretrained(
+        base,
+        transformer=load_source_transformer(source.branches["transformer"], dtype=torch.bfloat16, keep_fp8=False),
+        unconditional_transformer=load_source_transformer(source.branches["unconditional_transformer"], dtype=torch.bfloat16, keep_fp8=False),
+        torch_dtype=torch.bfloat16,
+    )
+    noise = torch.randn((1, 64, DIMS.in_channels), generator=torch.Generator().manual_seed(1))
+
+    def latents(p, start):
+        return p(**CALL, latents=start.clone(), output_type="latent").images.float()
+
+    got, want = latents(pipe, noise), latents(ref, noise)
+    other = latents(ref, torch.randn(noise.shape, generator=torch.Generator().manual_seed(2)))
+    assert got.shape == want.shape == noise.shape and torch.isfinite(got).all()
+    error = float((got - want).norm() / want.norm())
+    assert error < INT8_LATENT_BOUND < float((other - want).norm() / want.norm()), error
+    # What the transformers moved the latents by, not only the shared starting noise.
+    moved = float((got - want).norm() / (want - noise).norm())
+    assert moved < INT8_MOVE_BOUND, moved
 
 
 def test_int8_folders_go_to_the_int8_loader(tmp_path, monkeypatch):

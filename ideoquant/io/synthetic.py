@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -52,14 +53,31 @@ def _outlier_channels(gen: torch.Generator, width: int, count: int) -> torch.Ten
     return torch.randperm(width, generator=gen)[: max(1, count)]
 
 
-def linear_weight_rows(spec: TensorSpec, seed: int, start: int, stop: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class OutlierPattern:
+    """Where activation outliers come from: a few norm channels `norm_gain` times larger (one
+    channel in `norm_every`), and weight input columns `weight_gain` times larger (one in
+    `weight_every`). The defaults are the project's checkpoints."""
+
+    norm_gain: float = 12.0
+    norm_every: int = 128
+    weight_gain: float = 3.0
+    weight_every: int = 256
+
+
+DEFAULT_OUTLIERS = OutlierPattern()
+
+
+def linear_weight_rows(
+    spec: TensorSpec, seed: int, start: int, stop: int, outliers: OutlierPattern = DEFAULT_OUTLIERS
+) -> torch.Tensor:
     """Rows [start, stop) of a synthetic linear weight, float32 (deterministic per seed and name)."""
     out_f, in_f = spec.shape
     gen = _generator(seed, spec.name)
     # Per-tensor structure first (same draws whatever the chunk), then the chunk's rows.
     row_scale = torch.exp(0.35 * torch.randn(out_f, generator=gen))
     col_scale = torch.ones(in_f)
-    col_scale[_outlier_channels(gen, in_f, in_f // 256)] = 3.0
+    col_scale[_outlier_channels(gen, in_f, in_f // outliers.weight_every)] = outliers.weight_gain
     # Rows come in groups with their own streams, so any row range reads the same values.
     groups = []
     for g in range(start // ROW_GROUP, (stop - 1) // ROW_GROUP + 1):
@@ -76,7 +94,7 @@ def linear_weight_rows(spec: TensorSpec, seed: int, start: int, stop: int) -> to
     return w * (row_scale[start:stop, None] * col_scale[None, :] * std)
 
 
-def small_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
+def small_tensor(spec: TensorSpec, seed: int, outliers: OutlierPattern = DEFAULT_OUTLIERS) -> torch.Tensor:
     """A synthetic bias, norm weight or embedding, float32."""
     gen = _generator(seed, spec.name)
     n = spec.shape[0]
@@ -84,7 +102,7 @@ def small_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
         w = 1.0 + 0.1 * torch.randn(n, generator=gen)
         if spec.name.endswith(("attention_norm1.weight", "ffn_norm1.weight", "llm_cond_norm.weight")):
             # A few channels far larger than the rest: activation outliers for the next linear.
-            w[_outlier_channels(gen, n, n // 128)] *= 12.0
+            w[_outlier_channels(gen, n, n // outliers.norm_every)] *= outliers.norm_gain
         return w
     if spec.kind == "bias":
         return 0.02 * torch.randn(n, generator=gen)
@@ -112,11 +130,13 @@ def _planned(spec: TensorSpec, layout: Layout, dtype: str) -> list[PlannedTensor
     return out
 
 
-def _tensors(dims: ModelDims, seed: int, layout: Layout, dtype: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(
+    dims: ModelDims, seed: int, layout: Layout, dtype: str, outliers: OutlierPattern
+) -> Iterator[tuple[str, torch.Tensor]]:
     for spec in expected_tensors(dims):
         names = to_layout_names(spec.name, layout)
         if spec.kind != "linear":
-            yield names[0], small_tensor(spec, seed).to(torch.bfloat16)
+            yield names[0], small_tensor(spec, seed, outliers).to(torch.bfloat16)
             continue
         rows = spec.shape[0] // len(names)
         step = max(1, CHUNK_WEIGHTS // spec.shape[1])
@@ -124,10 +144,11 @@ def _tensors(dims: ModelDims, seed: int, layout: Layout, dtype: str) -> Iterator
             lo, hi = part * rows, (part + 1) * rows
             if dtype == "bf16":
                 yield n, torch.cat(
-                    [linear_weight_rows(spec, seed, s, min(s + step, hi)).to(torch.bfloat16) for s in range(lo, hi, step)]
+                    [linear_weight_rows(spec, seed, s, min(s + step, hi), outliers).to(torch.bfloat16)
+                     for s in range(lo, hi, step)]
                 )
                 continue
-            pieces = [to_fp8_rows(linear_weight_rows(spec, seed, s, min(s + step, hi))) for s in range(lo, hi, step)]
+            pieces = [to_fp8_rows(linear_weight_rows(spec, seed, s, min(s + step, hi), outliers)) for s in range(lo, hi, step)]
             yield n, torch.cat([p[0] for p in pieces])
             yield n[: -len(".weight")] + ".weight_scale", torch.cat([p[1] for p in pieces])
 
@@ -140,10 +161,14 @@ def write_synthetic_pipeline(
     layout: Layout = "fused",
     seed: int = 0,
     overwrite: bool = False,
+    dims: ModelDims | None = None,
+    outliers: OutlierPattern = DEFAULT_OUTLIERS,
 ) -> ModelDims:
-    """Write an Ideogram-4-shaped pipeline folder (both branches, configs, model_index.json)."""
+    """Write an Ideogram-4-shaped pipeline folder (both branches, configs, model_index.json).
+
+    `dims` (other widths) replaces `size` and `layers`; `outliers` changes the outlier pattern."""
     out = Path(out)
-    dims = synth_dims(size, layers)
+    dims = dims or synth_dims(size, layers)
     outputs = OutputSet(overwrite=overwrite)
     plan = [p for spec in expected_tensors(dims) for p in _planned(spec, layout, dtype)]
     ensure_free_space(out, 2 * sum(p.nbytes for p in plan))
@@ -153,7 +178,7 @@ def write_synthetic_pipeline(
             meta = {"format": "pt", "ideoquant.synthetic": "true", "ideoquant.seed": str(seed)}
             writer = ShardedSafetensorsOutput(outputs, folder, plan, metadata=meta)
             # The two branches are separate-weight copies: different seeds.
-            writer.write_all(_tensors(dims, seed * 2 + branch_index, layout, dtype))
+            writer.write_all(_tensors(dims, seed * 2 + branch_index, layout, dtype, outliers))
             config = {**dims.to_config(), "_diffusers_version": "0.42.1"}
             outputs.write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
         index = {
