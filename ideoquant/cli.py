@@ -153,9 +153,14 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Statistics file (.safetensors).")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None,
               help="JSON-lines prompt file (e.g. calibration_prompts/calibration.jsonl): runs the full pipeline.")
-@click.option("--synthetic", is_flag=True, help="Random latents and text features at timesteps over [0, 1].")
-@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Sampling steps per prompt.")
-@click.option("--resolution", type=click.IntRange(64), default=None, help="Image side (default: each prompt's size).")
+@click.option("--synthetic", is_flag=True,
+              help="Random latents and text features at timesteps over [0, 1] (default: 4 inputs x 4 steps at 256 px).")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Sampling steps per prompt or synthetic input (default: 20 with --prompts, 4 with --synthetic).")
+@click.option("--resolution", type=click.IntRange(64), default=None,
+              help="Image side (default: each prompt's size; 256 with --synthetic).")
+@click.option("--inputs", "synthetic_inputs", type=click.IntRange(1), default=None,
+              help="--synthetic: how many random inputs (default: 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--branches", type=click.Choice(["cond", "uncond", "both"]), default="both", show_default=True)
 @click.option("--max-samples", type=click.IntRange(1), default=512, show_default=True,
@@ -165,8 +170,8 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @one_line_errors
-def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, synthetic: bool, steps: int,
-              resolution: int | None, seed: int, branches: str, max_samples: int, device: str | None,
+def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, synthetic: bool, steps: int | None,
+              resolution: int | None, synthetic_inputs: int | None, seed: int, branches: str, max_samples: int, device: str | None,
               shard: str | None, overwrite: bool, quiet: bool) -> None:
     """Record activation statistics: `calibrate SRC --out STATS` or `calibrate merge A B ... --out STATS`."""
     from .calibrate.run import CalibrateOptions
@@ -189,9 +194,12 @@ def calibrate(inputs: tuple[str, ...], out: Path, prompts: Path | None, syntheti
             shard_pair = (i, n)
         except ValueError:
             raise IdeoquantError(f"--shard must look like 0/4, not {shard!r}") from None
+    if synthetic_inputs is not None and not synthetic:
+        raise IdeoquantError("--inputs counts synthetic inputs: use it with --synthetic")
+    extra = {} if synthetic_inputs is None else {"synthetic_inputs": synthetic_inputs}
     options = CalibrateOptions(
         prompts=prompts, synthetic=synthetic, steps=steps, resolution=resolution, seed=seed, branches=branches,
-        max_samples=max_samples, device=device, shard=shard_pair, overwrite=overwrite, quiet=quiet,
+        max_samples=max_samples, device=device, shard=shard_pair, overwrite=overwrite, quiet=quiet, **extra,
     )
     run_calibration(inputs[0], out, options)
     click.echo(f"wrote {out}")

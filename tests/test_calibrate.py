@@ -307,3 +307,55 @@ def test_command_line_calibrates_and_merges_shards(src, tmp_path):
     assert stats.branches["transformer"][module].count == sum(counts) > 0
     res = runner.invoke(main, ["calibrate", str(src), "--synthetic", "--shard", "2/2", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "shard 2 of 2 does not exist" in res.output
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from ideoquant.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def _error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_cli_synthetic_defaults_are_small_with_a_forward_progress_bar(src, tmp_path):
+    out = tmp_path / "defaults.safetensors"
+    result = _cli("calibrate", str(src), "--synthetic", "--branches", "cond", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    run = load_statistics(out).metadata["runs"][0]
+    assert (run["inputs"], run["steps"], run["resolution"]) == (4, 4, 256)
+    # One bar over the run's forwards (4 inputs x 4 steps, one branch), and the estimate first.
+    assert "16/16" in result.stderr and "forward" in result.stderr
+    assert "calibrate: 16 forwards, estimated" in result.stderr
+    assert result.stderr.index("estimated") < result.stderr.index("16/16")
+
+
+def test_estimate_counts_the_model_work():
+    from ideoquant.calibrate.run import forward_flops
+
+    dims = ModelDims(in_channels=2, hidden=4, head_dim=2, intermediate=8, adaln_dim=4, llm_features=3, num_layers=1)
+    # Per block 2*T*(4*16 + 3*32) + 4*T^2*4, outside 2*T*(2*4 + 3*4 + 4*2), worked out at T = 10.
+    assert forward_flops(dims, 10) == 2 * 10 * 160 + 4 * 100 * 4 + 2 * 10 * 28
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: d / "missing.jsonl", "no such prompt file"),
+        (lambda d: (d / "bin.jsonl").write_bytes(b"\xff\xfe\x00binary") and d / "bin.jsonl", "not a UTF-8 text file"),
+        (lambda d: (d / "bad.jsonl").write_text("{not json\n") and d / "bad.jsonl", "bad.jsonl:1: invalid JSON"),
+    ],
+)
+def test_cli_bad_prompt_file_is_one_line(src, tmp_path, make, needle):
+    out = tmp_path / "stats.safetensors"
+    result = _cli("calibrate", str(src), "--prompts", str(make(tmp_path)), "--out", str(out))
+    assert result.exit_code == 1 and len(_error_lines(result)) == 1, result.stderr
+    assert needle in _error_lines(result)[0] and not out.exists()
+
+
+def test_cli_inputs_needs_synthetic(src, tmp_path):
+    result = _cli("calibrate", str(src), "--prompts", "p.jsonl", "--inputs", "3", "--out", str(tmp_path / "s.safetensors"))
+    assert result.exit_code == 1 and "--inputs counts synthetic inputs" in _error_lines(result)[0]

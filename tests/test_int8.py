@@ -295,3 +295,16 @@ def test_convert_that_leaves_no_int8_is_an_error(converted, tmp_path):
         convert(str(root / "pipeline"), options)
     assert "\n" not in str(err.value)
     assert not out.exists() or not any(out.rglob("*.safetensors"))
+
+
+def test_statistics_of_another_source_are_an_error(converted, tmp_path):
+    from ideoquant.export.convert import convert
+
+    root, _, _ = converted
+    write_synthetic_pipeline(tmp_path / "other", seed=7)  # same shapes, other weights
+    out = tmp_path / "out"
+    options = ConvertOptions(fmt="int8", out=out, calibration=root / "stats.safetensors", quiet=True)
+    with pytest.raises(IdeoquantError, match="statistics were recorded on another source") as err:
+        convert(str(tmp_path / "other"), options)
+    assert "\n" not in str(err.value) and "calibrate this source" in str(err.value)
+    assert not out.exists() or not any(out.rglob("*.safetensors"))

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ import torch
 
 from ..errors import IdeoquantError
 from ..io.source import BranchSource, Source, open_source
-from ..model.inventory import BRANCH_ALIASES
+from ..model.inventory import BRANCH_ALIASES, ModelDims
 from .collector import StatisticsCollector
 from .distributed import rank_and_world, reduce_statistics
 from .inputs import CalibrationPrompt, guidance_schedule, read_prompts, synthetic_calls
@@ -51,6 +53,18 @@ log = logging.getLogger("ideoquant")
 
 # Square image size when neither the command nor the prompt file gives one.
 DEFAULT_RESOLUTION = 1024
+# Sampling steps per prompt of a --prompts run.
+DEFAULT_STEPS = 20
+# A --synthetic run: random inputs at timesteps over [0, 1] need fewer and smaller forwards
+# than images (statistics, not pictures), and a tiny model finishes in seconds.
+SYNTHETIC_INPUTS = 4
+SYNTHETIC_STEPS = 4
+SYNTHETIC_RESOLUTION = 256
+SYNTHETIC_TEXT_TOKENS = 64
+# Text tokens a prompt is assumed to take when estimating the time of a --prompts run.
+ESTIMATE_TEXT_TOKENS = 256
+# Above this estimate a CPU run warns before it starts.
+SLOW_RUN_SECONDS = 600
 
 
 
@@ -72,12 +86,12 @@ class CalibrateOptions:
 
     prompts: str | Path | None = None
     synthetic: bool = False
-    steps: int = 20
-    resolution: int | None = None
+    steps: int | None = None  # None: DEFAULT_STEPS with prompts, SYNTHETIC_STEPS with --synthetic
+    resolution: int | None = None  # None: each prompt's size, SYNTHETIC_RESOLUTION with --synthetic
     seed: int = 0
     branches: str = "both"
-    synthetic_inputs: int = 8
-    text_tokens: int = 64
+    synthetic_inputs: int = SYNTHETIC_INPUTS
+    text_tokens: int = SYNTHETIC_TEXT_TOKENS
     max_samples: int = DEFAULT_MAX_SAMPLES
     max_sequence_length: int = 2048
     device: str | torch.device | None = None
@@ -95,6 +109,8 @@ def calibrate(src: str | Path, out: str | Path, options: CalibrateOptions | None
     `shard=(i, n)` keeps every n-th input from the i-th, for runs on separate machines that
     `merge_statistics` combines later; under torchrun the ranks split the inputs further.
     `settings` are CalibrateOptions fields, for calls that set only a few of them.
+    A progress bar counts the run's transformer forwards; on a CPU the run first logs its
+    estimated compute time.
     """
     o = dataclasses.replace(options or CalibrateOptions(), **settings)
     prompts, synthetic, steps, resolution, seed, branches = o.prompts, o.synthetic, o.steps, o.resolution, o.seed, o.branches
@@ -102,6 +118,12 @@ def calibrate(src: str | Path, out: str | Path, options: CalibrateOptions | None
     device, dtype, keep_fp8, shard_index, shard_count = o.device, o.dtype, o.keep_fp8, *(o.shard or (0, 1))
     if (prompts is None) == (not synthetic):
         raise IdeoquantError("calibrate needs exactly one of --prompts FILE or --synthetic")
+    if steps is None:
+        steps = SYNTHETIC_STEPS if synthetic else DEFAULT_STEPS
+    if synthetic and resolution is None:
+        resolution = SYNTHETIC_RESOLUTION
+    if synthetic_inputs < 1:
+        raise IdeoquantError(f"--inputs must be at least 1, not {synthetic_inputs}")
     if steps < 1:
         raise IdeoquantError(f"--steps must be at least 1, not {steps}")
     if resolution is not None and (resolution < 16 or resolution % 16):
@@ -119,26 +141,38 @@ def calibrate(src: str | Path, out: str | Path, options: CalibrateOptions | None
     if out.exists() and not o.overwrite:
         raise IdeoquantError(f"{out} already exists (use --overwrite to replace it)")
     wanted = BRANCH_ALIASES[branches]
+    # Read the prompts before the (slow) source: a wrong file fails at once.
+    records = read_prompts(prompts)[shard_index::shard_count] if prompts is not None else []
     # The prompt path runs both transformers (guidance mixes them), whatever is recorded.
     source = open_source(src, "both" if prompts is not None else branches)
     collector = StatisticsCollector(seed, max_samples, device=device)
+    quiet = o.quiet or rank != 0
 
     if prompts is not None:
-        records = read_prompts(prompts)[shard_index::shard_count]
         ids = [r.id for r in records]
-        _run_pipeline(source, collector, wanted, records[rank::world], steps, resolution, seed, device, dtype,
-                      o.max_sequence_length, o.offload, keep_fp8, o.quiet or rank != 0)
+        mine = records[rank::world]
+        sizes = [((resolution or r.height or DEFAULT_RESOLUTION), (resolution or r.width or DEFAULT_RESOLUTION)) for r in mine]
+        work = [(bs.dims, h // 16 * (w // 16) + ESTIMATE_TEXT_TOKENS) for bs in source.branches.values()
+                for h, w in sizes for _ in range(steps)]
+        _announce(work, device, dtype, quiet)
+        _run_pipeline(source, collector, wanted, mine, steps, resolution, seed, device, dtype,
+                      o.max_sequence_length, o.offload, keep_fp8, quiet, len(work))
         run = {"mode": "prompts", "prompts_file": str(prompts), "prompts": [r.text for r in records], "steps": steps,
                "resolution": resolution or "per prompt", "seed": seed, "max_sequence_length": o.max_sequence_length}
     else:
         chosen = list(range(synthetic_inputs))[shard_index::shard_count]
         ids = [f"synthetic:{seed}:{i}" for i in chosen]
         mine = list(zip(chosen, ids))[rank::world]
-        for branch in wanted:
-            _run_synthetic(source.branches[branch], collector, mine, steps, resolution or DEFAULT_RESOLUTION,
-                           text_tokens, seed, device, dtype, keep_fp8, o.quiet or rank != 0)
+        image_tokens = (resolution // 16) ** 2
+        work = [(source.branches[b].dims, image_tokens + (text_tokens if b == "transformer" else 0))
+                for b in wanted for _ in range(len(mine) * steps)]
+        _announce(work, device, dtype, quiet)
+        with _progress(len(work), quiet) as bar:
+            for branch in wanted:
+                _run_synthetic(source.branches[branch], collector, mine, steps, resolution, text_tokens, seed, device,
+                               dtype, keep_fp8, bar)
         run = {"mode": "synthetic", "prompts": None, "inputs": len(chosen), "steps": steps,
-               "resolution": resolution or DEFAULT_RESOLUTION, "seed": seed, "text_tokens": text_tokens}
+               "resolution": resolution, "seed": seed, "text_tokens": text_tokens}
     run["shard"] = [shard_index, shard_count]
     collector.detach()
     stats = {b: collector.stats.get(b, {}) for b in wanted}
@@ -177,24 +211,70 @@ def calibrate_synthetic(src: str | Path, out: str | Path, overwrite: bool = Fals
     return Path(out)
 
 
-def _progress(total: int, quiet: bool, desc: str):
+def _progress(total: int, quiet: bool):
+    """One bar over every transformer forward of the run, with its rate and ETA."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="input", disable=quiet)
+    return tqdm(total=total, desc="calibrate", unit="forward", disable=quiet)
+
+
+def forward_flops(dims: ModelDims, tokens: int) -> float:
+    """Multiply-adds x 2 of one transformer forward over `tokens` rows: the token linears and attention."""
+    H, F = dims.hidden, dims.intermediate
+    per_block = 2 * tokens * (4 * H * H + 3 * H * F) + 4 * tokens * tokens * H
+    outside = 2 * tokens * (dims.in_channels * H + dims.llm_features * H + H * dims.in_channels)
+    return dims.num_layers * per_block + outside
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a float GEMM on this device, measured in a fraction of a second."""
+    a = torch.randn(512, 1024, device=device, dtype=dtype)
+    b = torch.randn(1024, 1024, device=device, dtype=dtype)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < 0.1:
+        a @ b
+        reps += 1
+    return 2 * 512 * 1024 * 1024 * reps / (time.perf_counter() - start)
+
+
+def estimate_seconds(work: list[tuple], device: torch.device, dtype: torch.dtype) -> float:
+    """Estimated compute time of a list of (dims, tokens) forwards on this device."""
+    return sum(forward_flops(d, t) for d, t in work) / _matmul_rate(device, dtype)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{math.ceil(seconds)} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _announce(work: list[tuple], device: torch.device, dtype: torch.dtype, quiet: bool) -> None:
+    """On a CPU, say how long the run should take before it starts (a full-size model runs for hours)."""
+    if device.type != "cpu" or not work:
+        return
+    seconds = estimate_seconds(work, device, dtype)
+    line = f"calibrate: {len(work)} forwards, estimated {_duration(seconds)} on this CPU"
+    if seconds > SLOW_RUN_SECONDS:
+        log.warning("%s; a GPU (--device cuda), fewer --steps or a smaller --resolution shorten it", line)
+    elif not quiet:
+        log.info(line)
 
 
 @torch.no_grad()
 def _run_synthetic(bs: BranchSource, collector: StatisticsCollector, inputs: list[tuple[int, str]], steps: int,
                    resolution: int, text_tokens: int, seed: int, device: torch.device, dtype: torch.dtype,
-                   keep_fp8: bool, quiet: bool) -> None:
+                   keep_fp8: bool, bar) -> None:
     model = load_source_transformer(bs, device=device, dtype=dtype, keep_fp8=keep_fp8)
     collector.attach(model, bs.branch)
-    with _progress(len(inputs), quiet, bs.branch) as bar:
-        for index, input_id in inputs:
-            collector.begin_input(input_id)
-            for call in synthetic_calls(bs.dims, index, seed, steps, resolution, text_tokens, bs.branch):
-                call = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in call.items()}
-                model(**call, return_dict=False)
+    bar.set_postfix_str(bs.branch, refresh=False)
+    for index, input_id in inputs:
+        collector.begin_input(input_id)
+        for call in synthetic_calls(bs.dims, index, seed, steps, resolution, text_tokens, bs.branch):
+            call = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in call.items()}
+            model(**call, return_dict=False)
             bar.update(1)
     collector.detach()
     del model
@@ -204,7 +284,7 @@ def _run_synthetic(bs: BranchSource, collector: StatisticsCollector, inputs: lis
 def _run_pipeline(source: Source, collector: StatisticsCollector, wanted: tuple[str, ...],
                   prompts: list[CalibrationPrompt],
                   steps: int, resolution: int | None, seed: int, device: torch.device, dtype: torch.dtype,
-                  max_sequence_length: int, offload: bool | None, keep_fp8: bool, quiet: bool) -> None:
+                  max_sequence_length: int, offload: bool | None, keep_fp8: bool, quiet: bool, forwards: int) -> None:
     from diffusers import Ideogram4Pipeline
 
     if source.repo_id is None and not (source.root / "model_index.json").is_file():
@@ -228,7 +308,9 @@ def _run_pipeline(source: Source, collector: StatisticsCollector, wanted: tuple[
     pipe.set_progress_bar_config(disable=True)
     for branch in wanted:
         collector.attach(models[branch], branch)
-    with _progress(len(prompts), quiet, "prompts") as bar:
+    with _progress(forwards, quiet) as bar:
+        # Every transformer forward advances the bar (guidance may skip one branch on some steps).
+        counters = [m.register_forward_pre_hook(lambda module, args: bar.update(1)) for m in models.values()]
         for p in prompts:
             collector.begin_input(p.id)
             generator = torch.Generator().manual_seed(stable_int(seed, p.id if p.seed is None else p.seed))
@@ -239,5 +321,6 @@ def _run_pipeline(source: Source, collector: StatisticsCollector, wanted: tuple[
                 guidance_schedule=guidance_schedule(steps), max_sequence_length=max_sequence_length,
                 generator=generator, output_type="latent",
             )
-            bar.update(1)
+        for h in counters:
+            h.remove()
     collector.detach()

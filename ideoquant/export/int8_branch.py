@@ -9,7 +9,6 @@ bf16; norm weights carrying a SmoothQuant fold are float32 so the fold stays exa
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +47,6 @@ from .options import (
 )
 from .smoothing import Int8Recipe, Int8Settings, factors_path, plan_int8
 
-log = logging.getLogger("ideoquant")
 
 RECIPE_METADATA_KEY = "ideoquant.int8.recipe"
 
@@ -230,7 +228,12 @@ def load_branch_statistics(path: Path, bs: BranchSource) -> CalibrationStatistic
             raise IdeoquantError(f"{path}: statistics of {bs.branch}/{module} do not fit this model")
     recorded = stats.metadata.get("checksums", {}).get(bs.branch)
     if recorded != bs.checksum():
-        log.warning("%s: %s statistics were recorded on different files (checksum differs)", path, bs.branch)
+        # Same shapes, other weights: the measured errors and the factors would belong to another model.
+        raise IdeoquantError(
+            f"{path}: the {bs.branch} statistics were recorded on another source "
+            f"({stats.metadata.get('source', '?')}, checksum {str(recorded)[:12]}, not {bs.checksum()[:12]}); "
+            "calibrate this source"
+        )
     return stats
 
 
