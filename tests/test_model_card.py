@@ -208,3 +208,30 @@ def test_a_built_wheel_carries_the_card_template_and_prompt_sets(tmp_path):
         check=True, capture_output=True, text=True, timeout=120,
     ).stdout.split()
     assert out == ["---", "130"]
+
+
+def test_int8_card_states_the_budget_and_each_protected_gain():
+    recipe = {
+        "protected": ["final_layer.linear", "layers.1.feed_forward.w2"],
+        "protection": {
+            "describe": "budget 11.1% of the int8-eligible linear weights (1.50 MiB of bf16)",
+            "budget_bytes": 1572864,
+            "spent_bytes": 458752,
+            "impact_rss_before": 0.0184,
+            "impact_rss_after": 0.0063,
+            "linears": {
+                "final_layer.linear": {"bytes": 65536, "impact": 0.013, "share_of_squared_impact": 0.5},
+                "layers.1.feed_forward.w2": {"bytes": 393216, "impact": 0.0016, "share_of_squared_impact": 0.01},
+            },
+            "patterns": ["layers.0.attention.o"],
+        },
+    }
+    lines = recipe_lines(recipe)
+    assert lines[1] == (
+        "Protection: budget 11.1% of the int8-eligible linear weights (1.50 MiB of bf16); spent 448.00 KiB on 2 "
+        "linears; measured W8A8 impact (root sum of squares over the measured linears) 0.0184 -> 0.0063"
+    )
+    assert lines[2] == ("Measured gain of each protected linear (impact removed, bf16 bytes): "
+                        "`final_layer.linear` 0.013 (64.00 KiB), `layers.1.feed_forward.w2` 0.0016 (384.00 KiB)")
+    assert lines[3] == "Kept by --protect-pattern, outside the budget: `layers.0.attention.o`"
+    assert not any(line.startswith("protection:") for line in lines)

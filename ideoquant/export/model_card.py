@@ -299,6 +299,27 @@ def _alphas(recipe: dict) -> str:
     return ""
 
 
+def protection_lines(protection: Any) -> list[str]:
+    """What the INT8 protection budget was, what it bought, and each protected linear's measured gain."""
+    if not isinstance(protection, dict) or "describe" not in protection:
+        return []
+    chosen = protection.get("linears") or {}
+    line = f"Protection: {protection['describe']}"
+    if isinstance(protection.get("spent_bytes"), int):
+        line += f"; spent {human_bytes(protection['spent_bytes'])} on {len(chosen)} linears"
+    if isinstance(protection.get("impact_rss_before"), (int, float)) and isinstance(protection.get("impact_rss_after"), (int, float)):
+        line += (f"; measured W8A8 impact (root sum of squares over the measured linears) "
+                 f"{protection['impact_rss_before']:.4g} -> {protection['impact_rss_after']:.4g}")
+    lines = [line]
+    if chosen:
+        gains = [f"`{m}` {c['impact']:.3g} ({human_bytes(c['bytes'])})" for m, c in chosen.items()
+                 if isinstance(c, dict) and isinstance(c.get("impact"), (int, float)) and isinstance(c.get("bytes"), int)]
+        lines.append("Measured gain of each protected linear (impact removed, bf16 bytes): " + ", ".join(gains))
+    if protection.get("patterns"):
+        lines.append(f"Kept by --protect-pattern, outside the budget: {compact_modules(protection['patterns'])}")
+    return lines
+
+
 def recipe_lines(recipe: dict) -> list[str]:
     """The bullet lines that summarise a branch's recipe: kept and protected linears, SmoothQuant,
     calibration, then any other short setting."""
@@ -309,6 +330,7 @@ def recipe_lines(recipe: dict) -> list[str]:
     protected = _modules(recipe.get("protected"))
     if protected:
         lines.append(f"Protected for their measured error ({len(protected)}): {compact_modules(protected)}")
+    lines += protection_lines(recipe.get("protection"))
     if isinstance(recipe.get("quantized"), int) and not isinstance(recipe.get("quantized"), bool):
         lines.append(f"Quantized linears: {recipe['quantized']}")
     if alphas := _alphas(recipe):
@@ -316,7 +338,7 @@ def recipe_lines(recipe: dict) -> list[str]:
     calibration = recipe.get("calibration")
     if calibration not in (None, "", "none") and (text := _describe(calibration)):
         lines.append(f"Calibration: {text}")
-    handled = {"types", "alpha", "alphas", "calibration", "protected", "quantized", *KEPT_KEYS}
+    handled = {"types", "alpha", "alphas", "calibration", "protected", "protection", "quantized", *KEPT_KEYS}
     for key, value in recipe.items():
         if key not in handled and value is not None and (text := _describe(value)):
             lines.append(f"{key}: {text}")

@@ -313,10 +313,11 @@ def plan_int8(
     order = {s.module: i for i, s in enumerate(expected_tensors(dims))}
     linears = dict(sorted(linears.items(), key=lambda kv: order[kv[0]]))
     weights = int8_eligible_weights(dims)
+    gains = gains or {}
     for c in linears.values():
         c.weights = weights.get(c.module, 0)
         if c.error is not None:
-            c.impact = c.error * (gains.get(c.module, 1.0) if gains else 1.0)
+            c.impact = c.error * gains.get(c.module, 1.0)
     protection = protect_linears(linears, settings, dims, order)
     for m, c in linears.items():
         if c.quantized and settings.protect_patterns and matches_patterns(m, list(settings.protect_patterns)):
