@@ -144,6 +144,12 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
     )
     results = run_convert(src, options)
     click.echo(summary_table(results))
+    if fmt == "int8":
+        from .export.model_card import protection_lines
+
+        for r in results:
+            for line in protection_lines(r.recipe.get("protection"))[:1]:
+                click.echo(f"{r.branch}: {line}")
 
 
 # --- calibrate ---------------------------------------------------------------------------

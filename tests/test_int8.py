@@ -308,3 +308,25 @@ def test_statistics_of_another_source_are_an_error(converted, tmp_path):
         convert(str(tmp_path / "other"), options)
     assert "\n" not in str(err.value) and "calibrate this source" in str(err.value)
     assert not out.exists() or not any(out.rglob("*.safetensors"))
+
+
+def test_cli_protection_options(converted, tmp_path):
+    from click.testing import CliRunner
+
+    from ideoquant.cli import main
+
+    root, _, _ = converted
+    base = ["convert", str(root / "pipeline"), "--format", "int8", "--calibration", str(root / "stats.safetensors"),
+            "--quiet"]
+    for extra, needle in ((["--protect", "3", "--protect-budget", "0.1"], "not both"),
+                          (["--protect-budget", "lots"], "--protect-budget must be a fraction"),
+                          (["--protect-budget", "1GiB"], "no linear left in int8")):
+        result = CliRunner().invoke(main, base + extra + ["--branches", "cond", "--out", str(tmp_path / "bad")])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 1 and len(errors) == 1 and needle in errors[0], result.stderr
+        assert not any((tmp_path / "bad").rglob("*.safetensors"))
+    result = CliRunner().invoke(main, base + ["--branches", "uncond", "--protect-budget", "256KiB", "--out", str(tmp_path / "ok")])
+    assert result.exit_code == 0, result.stderr
+    assert "unconditional_transformer: Protection: budget 256.00 KiB" in result.stdout
+    protection = json.loads((tmp_path / "ok" / "quantization_report.json").read_text())
+    assert "256.00 KiB" in json.dumps(protection)
