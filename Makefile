@@ -38,7 +38,7 @@ bench-runtime: $(STAMP)
 	$(PY) bench/bench_runtime.py --steps 30
 
 bench-int8: $(STAMP)
-	$(PY) bench/int8_errors.py --layers 17 --threads 1 --out bench_out/int8_errors
+	$(PY) bench/int8_errors.py --layers 8 --threads 1 --out bench_out/int8_errors
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

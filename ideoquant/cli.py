@@ -113,7 +113,8 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
                    "Default: the paper's share, 17 of 34 feed_forward.w2 (about 11%).")
 @click.option("--protect", type=click.IntRange(0), default=None,
               help="INT8: instead of a budget, keep the N linears with the largest measured impact in bf16.")
-@click.option("--protect-pattern", "protect_patterns", multiple=True, help="Keep linears matching this glob in bf16.")
+@click.option("--protect-pattern", "protect_patterns", multiple=True,
+              help="Keep linears matching this glob in bf16 (INT8: on top of the budget).")
 @click.option("--all-linears", is_flag=True, help="NF4: quantize the one-row adaLN linears too.")
 @click.option("--double-quant", is_flag=True, help="NF4: quantize the absmax statistics too.")
 @click.option("--layout", type=click.Choice(LAYOUTS), default=DEFAULT_LAYOUT, show_default=True,
