@@ -26,6 +26,20 @@ GGUF_FORMATS: dict[str, QT] = {
     "q2_k": QT.Q2_K,
     "iq4_xs": QT.IQ4_XS,
 }
+# The q3_k mixes, from `bench/kquant_mix_sensitivity.py` (velocity error with one kind of
+# linear in Q3_K, the rest float32; README "Measured"): the small tensors outside the blocks
+# (timestep and modulation inputs, the image indicator, the output layer; 0.6% of the weights
+# at full width) cost 0.05-0.16 each, more than any whole per-block kind, so every mix above
+# q3_k_s keeps them two types higher. Of the per-block kinds adaln_modulation (3.5% of the
+# weights) measures worst, then attention.qkv; the FFN linears and attention.o least.
+_Q3_K_OUTSIDE = (
+    "t_embedding.mlp_in.weight",
+    "t_embedding.mlp_out.weight",
+    "adaln_proj.weight",
+    "embed_image_indicator.weight",
+    "final_layer.linear.weight",
+    "final_layer.adaln_modulation.weight",
+)
 # llama.cpp-style mixes: the base type, and the tensors kept one type higher.
 # feed_forward.w2 (the FFN down-projection) is the set most sensitive to 4-bit error.
 GGUF_MIXES: dict[str, tuple[QT, dict[str, QT]]] = {
@@ -34,8 +48,11 @@ GGUF_MIXES: dict[str, tuple[QT, dict[str, QT]]] = {
     "q5_k_s": (QT.Q5_K, {}),
     "q5_k_m": (QT.Q5_K, {"feed_forward.w2.weight": QT.Q6_K}),
     "q3_k_s": (QT.Q3_K, {}),
-    "q3_k_m": (QT.Q3_K, {"feed_forward.w2.weight": QT.Q4_K}),
-    "q3_k_l": (QT.Q3_K, {"feed_forward.w2.weight": QT.Q5_K}),
+    "q3_k_m": (QT.Q3_K, {"adaln_modulation.weight": QT.Q4_K, **dict.fromkeys(_Q3_K_OUTSIDE, QT.Q5_K)}),
+    "q3_k_l": (
+        QT.Q3_K,
+        {"attention.qkv.weight": QT.Q4_K, "adaln_modulation.weight": QT.Q5_K, **dict.fromkeys(_Q3_K_OUTSIDE, QT.Q5_K)},
+    ),
 }
 FILE_TYPES: dict[str, LlamaFileType] = {
     "f32": LlamaFileType.ALL_F32,
