@@ -149,28 +149,35 @@ def make_q3(X: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     wx = w * X
     sumlx = sum_rows(wx * Lf)
     suml2 = sum_rows(w * Lf * Lf)
-    # Coordinate refinement: each element in turn, the sums updated as it goes.
-    active = ~zero_blk
+    # Coordinate refinement: each element in turn, the sums updated as it goes. A pass runs
+    # only on the sub-blocks the previous pass changed (ggml stops a block after a pass
+    # without a change): gathered, refined, scattered back.
+    idx = (~zero_blk).nonzero().squeeze(1)
     for _ in range(5):
-        changed = torch.zeros_like(zero_blk)
+        if idx.numel() == 0:
+            break
+        Xs, ws, wxs, Ls = X[:, idx], w[:, idx], wx[:, idx], Lf[:, idx]
+        slx_s, sl2_s = sumlx[idx], suml2[idx]
+        changed = torch.zeros(idx.numel(), dtype=torch.bool)
         for i in range(n):
-            Li, wi, wxi = Lf[i], w[i], wx[i]
-            slx = sumlx - wxi * Li
-            ok = (slx > 0) & active
-            sl2 = suml2 - wi * Li * Li
-            new_l = _nearest_clamped(X[i] * sl2 / slx, -nmax, nmax - 1)
+            Li, wi, wxi = Ls[i], ws[i], wxs[i]
+            slx = slx_s - wxi * Li
+            ok = slx > 0
+            sl2 = sl2_s - wi * Li * Li
+            new_l = _nearest_clamped(Xs[i] * sl2 / slx, -nmax, nmax - 1)
             ok &= new_l != Li
             slx = slx + wxi * new_l
             sl2 = sl2 + wi * new_l * new_l
-            ok &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            ok &= (sl2 > 0) & (slx * slx * sl2_s > slx_s * slx_s * sl2)
             if bool(ok.any()):
-                Lf[i] = torch.where(ok, new_l, Li)
-                sumlx = torch.where(ok, slx, sumlx)
-                suml2 = torch.where(ok, sl2, suml2)
+                Ls[i] = torch.where(ok, new_l, Li)
+                slx_s = torch.where(ok, slx, slx_s)
+                sl2_s = torch.where(ok, sl2, sl2_s)
                 changed |= ok
-        active &= changed
-        if not bool(active.any()):
-            break
+        Lf[:, idx] = Ls
+        sumlx = sumlx.index_copy(0, idx, slx_s)
+        suml2 = suml2.index_copy(0, idx, sl2_s)
+        idx = idx[changed]
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     scale.masked_fill_(zero_blk, 0.0)
     L = Lf.add_(float(nmax)).masked_fill_(zero_blk.unsqueeze(0), 0.0)
