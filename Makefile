@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-q8 bench-q4k bench-nf4 bench-kquants bench-runtime bench-int8 clean
+.PHONY: demo test bench bench-q8 bench-q4k bench-nf4 bench-kquants bench-runtime bench-int8 bench-q3k-mix clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -32,7 +32,11 @@ bench-nf4: $(STAMP)
 	$(PY) bench/bench_convert.py --format nf4
 
 bench-kquants: $(STAMP)
-	$(PY) bench/bench_kquants.py --repeat 2
+	$(PY) bench/bench_kquants.py --repeat 2 --ggml ../shared/tools/libggml-base.so
+
+bench-q3k-mix: $(STAMP)
+	$(PY) bench/kquant_mix_sensitivity.py --seed 0 --layers 4
+	$(PY) bench/kquant_mix_sensitivity.py --seed 7 --layers 6 --input-seed 555 --skip-kinds
 
 bench-runtime: $(STAMP)
 	$(PY) bench/bench_runtime.py --steps 30

@@ -22,7 +22,24 @@ GGUF_FORMATS: dict[str, QT] = {
     "q4_k": QT.Q4_K,
     "q5_k": QT.Q5_K,
     "q6_k": QT.Q6_K,
+    "q3_k": QT.Q3_K,
+    "q2_k": QT.Q2_K,
+    "iq4_xs": QT.IQ4_XS,
 }
+# The q3_k mixes, from `bench/kquant_mix_sensitivity.py` (velocity error with one kind of
+# linear in Q3_K, the rest float32; README "Measured"): the small tensors outside the blocks
+# (timestep and modulation inputs, the image indicator, the output layer; 0.6% of the weights
+# at full width) cost 0.05-0.16 each, more than any whole per-block kind, so every mix above
+# q3_k_s keeps them two types higher. Of the per-block kinds adaln_modulation (3.5% of the
+# weights) measures worst, then attention.qkv; the FFN linears and attention.o least.
+_Q3_K_OUTSIDE = (
+    "t_embedding.mlp_in.weight",
+    "t_embedding.mlp_out.weight",
+    "adaln_proj.weight",
+    "embed_image_indicator.weight",
+    "final_layer.linear.weight",
+    "final_layer.adaln_modulation.weight",
+)
 # llama.cpp-style mixes: the base type, and the tensors kept one type higher.
 # feed_forward.w2 (the FFN down-projection) is the set most sensitive to 4-bit error.
 GGUF_MIXES: dict[str, tuple[QT, dict[str, QT]]] = {
@@ -30,6 +47,12 @@ GGUF_MIXES: dict[str, tuple[QT, dict[str, QT]]] = {
     "q4_k_m": (QT.Q4_K, {"feed_forward.w2.weight": QT.Q5_K}),
     "q5_k_s": (QT.Q5_K, {}),
     "q5_k_m": (QT.Q5_K, {"feed_forward.w2.weight": QT.Q6_K}),
+    "q3_k_s": (QT.Q3_K, {}),
+    "q3_k_m": (QT.Q3_K, {"adaln_modulation.weight": QT.Q4_K, **dict.fromkeys(_Q3_K_OUTSIDE, QT.Q5_K)}),
+    "q3_k_l": (
+        QT.Q3_K,
+        {"attention.qkv.weight": QT.Q4_K, "adaln_modulation.weight": QT.Q5_K, **dict.fromkeys(_Q3_K_OUTSIDE, QT.Q5_K)},
+    ),
 }
 FILE_TYPES: dict[str, LlamaFileType] = {
     "f32": LlamaFileType.ALL_F32,
@@ -44,6 +67,12 @@ FILE_TYPES: dict[str, LlamaFileType] = {
     "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S,
     "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
     "q6_k": LlamaFileType.MOSTLY_Q6_K,
+    "q3_k": LlamaFileType.MOSTLY_Q3_K_S,
+    "q3_k_s": LlamaFileType.MOSTLY_Q3_K_S,
+    "q3_k_m": LlamaFileType.MOSTLY_Q3_K_M,
+    "q3_k_l": LlamaFileType.MOSTLY_Q3_K_L,
+    "q2_k": LlamaFileType.MOSTLY_Q2_K,
+    "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
 }
 
 # When a tensor's row length does not fit the requested type's blocks, the first of these
@@ -59,6 +88,19 @@ class TensorChoice:
     shape: tuple[int, ...]
     qtype: QT
     reason: str
+
+
+# The K-quant ladder the mixes step up on.
+_LADDER = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0)
+
+
+def _higher_by(base: QT, higher: QT) -> str:
+    """`one type higher`, `two types higher`, or the type itself off the ladder."""
+    if base in _LADDER and higher in _LADDER:
+        steps = _LADDER.index(higher) - _LADDER.index(base)
+        if steps > 0:
+            return f"{('one', 'two', 'three', 'four', 'five')[steps - 1]} type{'s' if steps > 1 else ''} higher"
+    return f"in {higher.name}"
 
 
 def _block_size(qtype: QT) -> int:
@@ -85,7 +127,7 @@ def gguf_tensor_types(dims: ModelDims, fmt: str) -> list[TensorChoice]:
         wanted, reason = base, "requested type"
         for suffix, higher in overrides.items():
             if spec.name.endswith(suffix):
-                wanted, reason = higher, f"{fmt} keeps {suffix.rsplit('.', 1)[0]} one type higher"
+                wanted, reason = higher, f"{fmt} keeps {suffix.rsplit('.', 1)[0]} {_higher_by(base, higher)}"
         if spec.shape[-1] % _block_size(wanted):
             fallback = next(t for t in GGUF_FALLBACKS if spec.shape[-1] % _block_size(t) == 0)
             reason = f"rows of {spec.shape[-1]} do not fit {wanted.name} blocks of {_block_size(wanted)}; fallback"

@@ -641,32 +641,44 @@ def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, 
     sumlx = sum_rows(w * x * lf, exact_loop=exact_loop)
     suml2 = sum_rows(wl * lf, exact_loop=exact_loop)
 
-    # Coordinate refinement: each element in turn, the sums updated as it goes.
+    # Coordinate refinement: each element in turn, the sums updated as it goes. A pass runs
+    # only on the columns the previous pass changed (ggml stops a block after a pass without
+    # a change): gathered, refined, scattered back, so later passes cost what they touch.
     wx = w * x
-    Lf = L.to(_F32)
-    active = torch.ones_like(zero_blk)
+    idx = torch.arange(cols)
     for _ in range(5):
-        changed = torch.zeros_like(zero_blk)
+        if idx.numel() == 0:
+            break
+        whole = idx.numel() == cols
+        xs, ws, wxs = (x, w, wx) if whole else (x[:, idx], w[:, idx], wx[:, idx])
+        Ls = L if whole else L[:, idx]
+        Lf = Ls.to(_F32)
+        slx_s, sl2_s = (sumlx, suml2) if whole else (sumlx[idx], suml2[idx])
+        changed = torch.zeros(idx.numel(), dtype=torch.bool)
         for i in range(n):
-            Li, wi, xi = Lf[i], w[i], x[i]
-            slx = sumlx - wx[i] * Li
-            sl2 = suml2 - wi * Li * Li
-            ok = (slx > 0) & (sl2 > 0) & active
+            Li, wi, xi = Lf[i], ws[i], xs[i]
+            slx = slx_s - wxs[i] * Li
+            sl2 = sl2_s - wi * Li * Li
+            ok = (slx > 0) & (sl2 > 0)
             new_l = torch.clamp(nearest_int_bits(xi * sl2 / slx), max=nmax)
             nf = new_l.to(_F32)
             ok &= nf != Li
-            slx += wx[i] * nf
+            slx += wxs[i] * nf
             sl2 += wi * nf * nf
-            ok &= slx * slx * suml2 > sumlx * sumlx * sl2
+            ok &= slx * slx * sl2_s > slx_s * slx_s * sl2
             if bool(ok.any()):
-                L[i] = torch.where(ok, new_l & 0xFF, L[i])
-                Lf[i] = L[i].to(_F32)
-                sumlx = torch.where(ok, slx, sumlx)
-                suml2 = torch.where(ok, sl2, suml2)
+                Ls[i] = torch.where(ok, new_l & 0xFF, Ls[i])
+                Lf[i] = Ls[i].to(_F32)
+                slx_s = torch.where(ok, slx, slx_s)
+                sl2_s = torch.where(ok, sl2, sl2_s)
                 changed |= ok
-        active &= changed
-        if not bool(active.any()):
-            break
+        if whole:
+            L, sumlx, suml2 = Ls, slx_s, sl2_s
+        else:
+            L[:, idx] = Ls
+            sumlx = sumlx.index_copy(0, idx, slx_s)
+            suml2 = suml2.index_copy(0, idx, sl2_s)
+        idx = idx[changed]
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     scale.masked_fill_(zero_blk, 0.0)
     L.masked_fill_(zero_blk.unsqueeze(0), 0)

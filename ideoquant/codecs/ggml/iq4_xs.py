@@ -1,0 +1,130 @@
+"""ggml's IQ4_XS: the IQ4_NL non-linear 4-bit codebook in super-blocks of 256 weights.
+
+Each 32-weight sub-block has its own 6-bit scale relative to one fp16 super-block scale.
+The encoder is byte-identical to ggml's `quantize_iq4_xs` (its `_ref` is the same search
+without an importance matrix: weights x*x); the decoder is bit-equal to gguf-py's. Blocks are
+processed in the gapped 33-row position-major layout of `scale_search`, so the sequential sums
+over 32 weights are two 16-row chains (`sum33`).
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+
+from .base import fp16_bytes, fp16_from_bytes
+from .kquants import _KQuant, _superblocks_pos_major
+from .kquants23 import importance_weights, superblock_sum_sq
+from .scale_search import GROUP_MAX_EPS, QK_K, exact_div, nearest_int_bits, sum33, ungap33
+
+_F32 = torch.float32
+
+# ggml's kvalues_iq4nl: the 16 levels of the non-linear 4-bit codebook.
+IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_VALUES = torch.tensor(IQ4NL_VALUES, dtype=_F32)
+# Candidate scales of the search: ntry = 7 around -max/values[0].
+_NTRY = 7
+
+
+def best_index(v: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8(16, kvalues_iq4nl, v) elementwise: the nearest level's index.
+
+    Ties and the float32 rounding of `x - val[mu-1] < val[mu] - x` are ggml's: the bracketing
+    pair comes from a binary search, then the two differences are compared as ggml does."""
+    mu = torch.bucketize(v, _VALUES, right=True).clamp_(1, 15)  # #levels <= v, within 1..15
+    below = _VALUES[mu - 1]
+    above = _VALUES[mu]
+    idx = mu - ((v - below) < (above - v)).to(mu.dtype)
+    idx = torch.where(v <= _VALUES[0], 0, idx)
+    return torch.where(v >= _VALUES[15], 15, idx)
+
+
+def _weighted_sums(X: torch.Tensor, W: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum of w*q*x and of w*q*q over each gapped 32-element column, sequentially."""
+    wq = W * q
+    sumqx = sum33(wq * X)
+    sumq2 = sum33(wq.mul_(q))
+    return sumqx, sumq2
+
+
+def iq4_block_scales(X: torch.Tensor, W: torch.Tensor, ntry: int = _NTRY) -> torch.Tensor:
+    """The per-32 scale search of ggml's quantize_row_iq4_nl_impl: X, W [33, B] gapped.
+
+    Returns the scale d [B] of each block (0 for all-zero blocks)."""
+    data = ungap33(X)
+    amax, arg = data.abs().max(dim=0)  # first maximal |x|
+    mx = data.gather(0, arg.unsqueeze(0)).squeeze(0)
+    zero_blk = amax < GROUP_MAX_EPS
+    mx = torch.where(zero_blk, torch.ones_like(mx), mx)
+    d = torch.div(-mx, float(IQ4NL_VALUES[0])) if ntry > 0 else torch.div(mx, float(IQ4NL_VALUES[0]))
+    idn = exact_div(1.0, d)
+    sumqx, sumq2 = _weighted_sums(X, W, _VALUES[best_index(X * idn)])
+    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        idn = exact_div(float(itry + IQ4NL_VALUES[0]), mx)
+        sumqx, sumq2 = _weighted_sums(X, W, _VALUES[best_index(X * idn)])
+        acc = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        new_d = sumqx / sumq2
+        d = torch.where(acc, new_d, d)
+        best = torch.where(acc, new_d * sumqx, best)
+    return d.masked_fill_(zero_blk, 0.0)
+
+
+def _encode_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    nsb = x.shape[0]
+    X3 = _superblocks_pos_major(x, 32, 33)  # [33, 8, nsb] gapped, row 16 scratch
+    X = X3.view(33, -1)
+    if qw is None:
+        W = X * X
+    else:
+        QW = _superblocks_pos_major(qw, 32, 33)
+        sigma2 = superblock_sum_sq(x) * (2.0 / QK_K)  # sigma2 *= 2.f/256, exact
+        W = importance_weights(X3, QW, sigma2).view(33, -1)
+    scales = iq4_block_scales(X, W).view(8, nsb)
+    _, arg = scales.abs().max(dim=0)
+    max_scale = scales.gather(0, arg.unsqueeze(0)).squeeze(0)
+    d = torch.div(-max_scale, 32.0)
+    idn = torch.where(d != 0, exact_div(1.0, d), torch.zeros_like(d))
+    l = nearest_int_bits(idn * scales).clamp_(-32, 31)  # [8, nsb]
+    dl = (d * l.to(_F32)).view(-1)
+    idl = torch.where(dl != 0, exact_div(1.0, dl), torch.zeros_like(dl))
+    L = best_index(ungap33(X) * idl).to(torch.uint8).view(32, 8, nsb)  # [pos, sub, nsb]
+    qs = L[0:16] | (L[16:32] << 4)  # [16, 8, nsb]: byte 16*ib + j
+    ls = (l + 32).to(torch.int32)
+    scales_l = (ls[0::2] & 0xF) | ((ls[1::2] & 0xF) << 4)  # [4, nsb]
+    hi = (ls >> 4).view(8, nsb)
+    scales_h = torch.zeros(nsb, dtype=torch.int32)
+    for ib in range(8):
+        scales_h |= hi[ib] << (2 * ib)
+    head = torch.stack([scales_h & 0xFF, scales_h >> 8], dim=1).to(torch.uint8)
+    return torch.cat(
+        [fp16_bytes(d), head, scales_l.to(torch.uint8).permute(1, 0), qs.permute(2, 1, 0).reshape(nsb, 128)], dim=1
+    )
+
+
+class IQ4_XS(_KQuant):
+    """136 bytes per 256 weights: fp16 d, 8 6-bit sub-block scales, 256 4-bit codebook indices."""
+
+    qtype = GGMLQuantizationType.IQ4_XS
+    type_size = 136
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_iq4_xs(x, qw)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        dev = blocks.device
+        d = fp16_from_bytes(blocks[:, 0:2])
+        scales_h = blocks[:, 2:4].to(torch.int32)
+        scales_h = (scales_h[:, 0] | (scales_h[:, 1] << 8)).view(n, 1)
+        scales_l = blocks[:, 4:8].reshape(n, 4, 1) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev).view(1, 1, 2)
+        scales_l = scales_l.reshape(n, 8) & 0xF
+        scales_h = (scales_h >> torch.arange(0, 16, 2, dtype=torch.int32, device=dev).view(1, 8)) & 3
+        sc = (scales_l.to(torch.int32) | (scales_h << 4)).to(torch.int8) - 32
+        dl = (d * sc.to(_F32)).reshape(n, 8, 1)
+        qs = blocks[:, 8:].reshape(n, 8, 1, 16) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev).view(1, 1, 2, 1)
+        q = (qs.reshape(n, 8, 32) & 0xF).to(torch.int64)
+        return (dl * _VALUES.to(dev)[q]).reshape(n, QK_K)

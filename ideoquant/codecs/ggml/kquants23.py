@@ -1,0 +1,360 @@
+"""ggml's 2- and 3-bit K-quants: Q2_K and Q3_K super-blocks of 256 weights in 16 sub-blocks of 16.
+
+Encoders byte-identical to ggml's `quantize_row_q2_K_ref` / `quantize_row_q3_K_ref` (no
+importance matrix) and `quantize_row_q2_K_impl` / `quantize_row_q3_K_impl` (with one);
+decoders bit-equal to gguf-py's. Blocks are processed position-major as in `scale_search`:
+[16 positions, 16*nsb columns], column = (sub-block, super-block), so that every sequential
+sum over a sub-block is a chain of 16 row additions across all sub-blocks at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from .base import fp16_bytes, fp16_from_bytes
+from .kquants import _KQuant, _superblocks_pos_major
+from .scale_search import (
+    GROUP_MAX_EPS,
+    QK_K,
+    exact_div,
+    exact_sqrt,
+    fp16_round,
+    make_qp,
+    make_qx,
+    nearest_int_bits,
+    sum_rows,
+)
+
+_F32 = torch.float32
+_SUB = 16  # weights per sub-block
+_NSUB = QK_K // _SUB
+
+
+def _nearest_clamped(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """MAX(lo, MIN(hi, nearest_int(v))) as float32, bit-exact for any float32 v."""
+    return nearest_int_bits(v).clamp_(lo, hi).to(_F32)
+
+
+def superblock_sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """sum of x[j]*x[j] over the 256 weights of each super-block, in ggml's order: [nsb]."""
+    nsb = x.shape[0]
+    sq = x.t().contiguous()
+    sq.mul_(sq)
+    buf = torch.empty((17, nsb), dtype=_F32)
+    s = torch.zeros(nsb, dtype=_F32)
+    for c in range(QK_K // 16):
+        buf[0] = s
+        buf[1:] = sq[16 * c : 16 * c + 16]
+        s = sum_rows(buf)
+    return s
+
+
+def importance_weights(X: torch.Tensor, QW: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """ggml's `qw[l] * sqrtf(sigma2 + x[l]*x[l])`: X, QW [rows, nsub, nsb], sigma2 [nsb]."""
+    t = X * X
+    t.add_(sigma2)
+    return QW * exact_sqrt(t)
+
+
+# --------------------------------------------------------------------------------------------
+# make_qkx2_quants / make_qkx3_quants on 16-element sub-blocks (Q2_K: nmax = 3).
+# --------------------------------------------------------------------------------------------
+
+
+def make_qkx16(
+    X: torch.Tensor, W: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, qkx3: bool, use_mad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants (qkx3=False) or make_qkx3_quants with weights, n = 16.
+
+    X, W: [16, B] position-major sub-blocks and their weights. Returns (scale [B],
+    the_min [B] = -min, L [16, B] float levels). The candidates depend on each other through
+    the running min, so they run one after the other, each vectorized over all sub-blocks."""
+    fnmax = float(nmax)
+    xmin = X.amin(0)
+    xmax = X.amax(0)
+    sum_w = sum_rows(W)
+    sum_x = sum_rows(W * X)
+    mn0 = torch.where(xmin > 0, torch.zeros_like(xmin), xmin)
+    early = (xmax <= mn0) if qkx3 else (xmax == mn0)
+
+    def levels(isc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        v = X - m
+        v.mul_(isc)
+        return _nearest_clamped(v, 0, nmax)
+
+    def error(s: torch.Tensor, m: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        d = L * s
+        d.add_(m)
+        d.sub_(X)
+        if use_mad:
+            d.abs_()
+        else:
+            d.mul_(d)
+        d.mul_(W)
+        return sum_rows(d)
+
+    iscale = exact_div(fnmax, xmax - mn0)
+    scale = exact_div(1.0, iscale)
+    mn = mn0.clone()
+    L = levels(iscale, mn)
+    best = error(scale, mn, L)
+    rmin32, rdelta32, nmax32 = np.float32(rmin), np.float32(rdelta), np.float32(nmax)
+    for i in range(nstep + 1):
+        c = torch.tensor(float((rmin32 + rdelta32 * np.float32(i)) + nmax32), dtype=_F32)
+        isc = torch.div(c, xmax - mn)
+        La = levels(isc, mn)
+        wl = W * La
+        sum_l = sum_rows(wl)
+        sum_xl = sum_rows(wl * X)
+        sum_l2 = sum_rows(wl.mul_(La))
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        if bool(pos.any()):
+            this_min = this_min.masked_fill(pos, 0.0)
+            this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        cur = error(this_scale, this_min, La)
+        acc = (D > 0) & (cur < best)
+        L = torch.where(acc, La, L)
+        best = torch.where(acc, cur, best)
+        scale = torch.where(acc, this_scale, scale)
+        mn = torch.where(acc, this_min, mn)
+    zero = torch.zeros_like(scale)
+    scale = torch.where(early, zero, scale)
+    the_min = torch.where(early, -mn0, -mn)
+    L = L.masked_fill(early.unsqueeze(0), 0.0)
+    return scale, the_min, L
+
+
+# --------------------------------------------------------------------------------------------
+# make_q3_quants (do_rmse = true): Q3_K's symmetric search with coordinate refinement.
+# --------------------------------------------------------------------------------------------
+
+
+def make_q3(X: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_q3_quants(16, nmax, x, L, do_rmse=true) on X [16, B].
+
+    Returns (scale [B], L [16, B] float levels + nmax; 0 for all-zero sub-blocks)."""
+    n, B = X.shape
+    amax, arg = X.abs().max(dim=0)  # first maximal |x| (ggml: `if (ax > amax)`)
+    mx = X.gather(0, arg.unsqueeze(0)).squeeze(0)
+    zero_blk = amax < GROUP_MAX_EPS
+    mx = torch.where(zero_blk, torch.ones_like(mx), mx)
+    iscale = exact_div(-float(nmax), mx)
+    Lf = _nearest_clamped(iscale * X, -nmax, nmax - 1)
+    w = X * X
+    wx = w * X
+    sumlx = sum_rows(wx * Lf)
+    suml2 = sum_rows(w * Lf * Lf)
+    # Coordinate refinement: each element in turn, the sums updated as it goes. A pass runs
+    # only on the sub-blocks the previous pass changed (ggml stops a block after a pass
+    # without a change): gathered, refined, scattered back.
+    idx = (~zero_blk).nonzero().squeeze(1)
+    for _ in range(5):
+        if idx.numel() == 0:
+            break
+        Xs, ws, wxs, Ls = X[:, idx], w[:, idx], wx[:, idx], Lf[:, idx]
+        slx_s, sl2_s = sumlx[idx], suml2[idx]
+        changed = torch.zeros(idx.numel(), dtype=torch.bool)
+        for i in range(n):
+            Li, wi, wxi = Ls[i], ws[i], wxs[i]
+            slx = slx_s - wxi * Li
+            ok = slx > 0
+            sl2 = sl2_s - wi * Li * Li
+            new_l = _nearest_clamped(Xs[i] * sl2 / slx, -nmax, nmax - 1)
+            ok &= new_l != Li
+            slx = slx + wxi * new_l
+            sl2 = sl2 + wi * new_l * new_l
+            ok &= (sl2 > 0) & (slx * slx * sl2_s > slx_s * slx_s * sl2)
+            if bool(ok.any()):
+                Ls[i] = torch.where(ok, new_l, Li)
+                slx_s = torch.where(ok, slx, slx_s)
+                sl2_s = torch.where(ok, sl2, sl2_s)
+                changed |= ok
+        Lf[:, idx] = Ls
+        sumlx = sumlx.index_copy(0, idx, slx_s)
+        suml2 = suml2.index_copy(0, idx, sl2_s)
+        idx = idx[changed]
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    scale.masked_fill_(zero_blk, 0.0)
+    L = Lf.add_(float(nmax)).masked_fill_(zero_blk.unsqueeze(0), 0.0)
+    return scale, L
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+
+
+def _superblock_levels(L: torch.Tensor, nsb: int) -> torch.Tensor:
+    """[16 pos, 16*nsb] position-major levels -> uint8 [256, nsb] in weight order."""
+    return L.view(_SUB, _NSUB, nsb).permute(1, 0, 2).reshape(QK_K, nsb).to(torch.uint8)
+
+
+def _pack_2bit(L256: torch.Tensor) -> torch.Tensor:
+    """qs of Q2_K/Q3_K: byte 32*h + l holds weights 128*h + 32*s + l (s = 0..3) at bits 2s."""
+    nsb = L256.shape[1]
+    q = L256.view(2, 4, 32, nsb)
+    qs = q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)  # [2, 32, nsb]
+    return qs.reshape(64, nsb).permute(1, 0)
+
+
+def _requantize(X: torch.Tensor, keep: torch.Tensor, dj: torch.Tensor, offset: torch.Tensor | float, lo: int, hi: int):
+    """nearest_int((x + offset)/dj) clamped, where dj != 0; elsewhere the search's levels `keep`."""
+    v = X + offset if not isinstance(offset, float) else X.clone()
+    v.div_(dj)
+    skip = dj == 0
+    if bool(skip.any()):
+        v.masked_fill_(skip.unsqueeze(0), 0.0)
+        return torch.where(skip.unsqueeze(0), keep, _nearest_clamped(v, lo, hi))
+    return _nearest_clamped(v, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# Q2_K
+# --------------------------------------------------------------------------------------------
+
+
+def _encode_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    nsb = x.shape[0]
+    X3 = _superblocks_pos_major(x, _SUB, _SUB)  # [16 pos, 16 sub, nsb]
+    X = X3.view(_SUB, -1)
+    if qw is None:
+        W = X.abs()
+        scales, mins, L = make_qkx16(X, W, 3, -0.5, 0.1, 15, qkx3=False, use_mad=True)
+        scales, mins = scales.view(_NSUB, nsb), mins.view(_NSUB, nsb)
+        zero = torch.zeros(nsb, dtype=_F32)
+        max_scale = torch.clamp(scales.amax(0), min=0.0)
+        max_min = torch.clamp(mins.amax(0), min=0.0)
+        has_s, has_m = max_scale > 0, max_min > 0
+        inv_s = torch.where(has_s, exact_div(15.0, max_scale), zero)
+        inv_m = torch.where(has_m, exact_div(15.0, max_min), zero)
+        ls = torch.where(has_s, nearest_int_bits(inv_s * scales), 0) & 0xFF
+        lm = torch.where(has_m, nearest_int_bits(inv_m * mins), 0)
+        sc = (ls | (lm << 4)) & 0xFF  # [16, nsb]
+        d = torch.where(has_s, max_scale / 15.0, zero)
+        dmin = torch.where(has_m, max_min / 15.0, zero)
+    else:
+        QW = _superblocks_pos_major(qw, _SUB, _SUB)
+        sigma2 = superblock_sum_sq(x) / QK_K
+        W = importance_weights(X3, QW, sigma2).view(_SUB, -1)
+        sw = sum_rows(W).view(_NSUB, nsb)
+        scales, mins, L = make_qkx16(X, W, 3, -0.9, 0.05, 36, qkx3=True, use_mad=False)
+        d, ls = make_qp(scales.view(_NSUB, nsb), sw, 15)
+        dmin, lm = make_qp(mins.view(_NSUB, nsb), sw, 15)
+        sc = (ls | (lm << 4)) & 0xFF
+    dj = (fp16_round(d).unsqueeze(0) * (sc & 0xF).to(_F32)).view(-1)
+    dmj = (fp16_round(dmin).unsqueeze(0) * (sc >> 4).to(_F32)).view(-1)
+    L = _requantize(X, L, dj, dmj, 0, 3)
+    qs = _pack_2bit(_superblock_levels(L, nsb))
+    return torch.cat([sc.to(torch.uint8).permute(1, 0), qs, fp16_bytes(d), fp16_bytes(dmin)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Q3_K
+# --------------------------------------------------------------------------------------------
+
+
+def _pack_scales_q3(l: torch.Tensor) -> torch.Tensor:
+    """ggml's 12-byte packing of 16 6-bit scales; l: int32 [16, nsb] -> uint8 [nsb, 12]."""
+    lo = l & 0xF
+    hi = l >> 4
+    q = torch.empty((12,) + tuple(l.shape[1:]), dtype=torch.int32)
+    q[0:8] = lo[0:8] | (lo[8:16] << 4)
+    q[8:12] = hi[0:4] | (hi[4:8] << 2) | (hi[8:12] << 4) | (hi[12:16] << 6)
+    return q.to(torch.uint8).permute(1, 0)
+
+
+def _encode_q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    nsb = x.shape[0]
+    X3 = _superblocks_pos_major(x, _SUB, _SUB)  # [16 pos, 16 sub, nsb]
+    X = X3.view(_SUB, -1)
+    if qw is None:
+        scales, L = make_q3(X, 4)
+        S = scales.view(_NSUB, nsb)
+        _, arg = S.abs().max(dim=0)
+        max_scale = S.gather(0, arg.unsqueeze(0)).squeeze(0)
+        has = max_scale != 0
+        iscale = exact_div(-32.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
+        li = nearest_int_bits(iscale * S)
+        li = ((li + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
+        ls = torch.where(has, li.clamp_(-32, 31) + 32, 0)
+        d = torch.where(has, exact_div(1.0, iscale), torch.zeros_like(max_scale))
+    else:
+        QW = _superblocks_pos_major(qw, _SUB, _SUB)
+        sigma2 = (2 * superblock_sum_sq(x)) / QK_K
+        W = importance_weights(X3, QW, sigma2).view(_SUB, -1)
+        sw = sum_rows(W).view(_NSUB, nsb)
+        scales, L = make_qx(X, W, 4, gapped=False)
+        d, Ls = make_qx(scales.view(_NSUB, nsb), sw, 32, gapped=False)
+        ls = Ls.to(torch.int32)
+    dj = (fp16_round(d).unsqueeze(0) * (ls - 32).to(_F32)).view(-1)
+    L = _requantize(X, L.sub_(4.0), dj, 0.0, -4, 3)  # the search's levels carry the +4 already
+    L.add_(4.0)
+    L256 = _superblock_levels(L, nsb)
+    high = L256 > 3
+    L256 = torch.where(high, L256 - 4, L256)
+    hbits = high.view(8, 32, nsb).to(torch.uint8)  # [bit, byte, nsb]
+    hmask = torch.zeros((32, nsb), dtype=torch.uint8)
+    for b in range(8):
+        hmask |= hbits[b] << b
+    return torch.cat([hmask.permute(1, 0), _pack_2bit(L256), _pack_scales_q3(ls), fp16_bytes(d)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------
+
+
+class Q2_K(_KQuant):
+    """84 bytes per 256 weights: 16 (4-bit scale, 4-bit min) bytes, 256 2-bit levels, fp16 d, dmin."""
+
+    qtype = GGMLQuantizationType.Q2_K
+    type_size = 84
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_q2_k(x, qw)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        scales = blocks[:, 0:16]
+        d = fp16_from_bytes(blocks[:, 80:82])
+        dmin = fp16_from_bytes(blocks[:, 82:84])
+        dl = (d * (scales & 0xF).to(_F32)).reshape(n, 16, 1)
+        ml = (dmin * (scales >> 4).to(_F32)).reshape(n, 16, 1)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
+        q = ((blocks[:, 16:80].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 16, 16).to(_F32)
+        return (dl * q - ml).reshape(n, QK_K)
+
+
+class Q3_K(_KQuant):
+    """110 bytes per 256 weights: high-bit mask, 256 2-bit low levels, 16 6-bit scales, fp16 d."""
+
+    qtype = GGMLQuantizationType.Q3_K
+    type_size = 110
+
+    @classmethod
+    def _encode(cls, x, qw):
+        return _encode_q3_k(x, qw)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        dev = blocks.device
+        hmask, qs, packed = blocks[:, 0:32], blocks[:, 32:96], blocks[:, 96:108]
+        d = fp16_from_bytes(blocks[:, 108:110])
+        lo = (packed[:, 0:8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev).view(1, 2, 1))
+        hi = packed[:, 8:12].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev).view(1, 4, 1)
+        sc = (lo.reshape(n, 16) & 0xF) | ((hi.reshape(n, 16) & 3) << 4)
+        dl = (d * (sc.to(torch.int8) - 32).to(_F32)).reshape(n, 16, 1)
+        shifts2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev).view(1, 1, 4, 1)
+        ql = (qs.reshape(n, 2, 1, 32) >> shifts2).reshape(n, 16, 16) & 3
+        shifts1 = torch.arange(8, dtype=torch.uint8, device=dev).view(1, 1, 8, 1)
+        qh = ((hmask.reshape(n, 1, 1, 32) >> shifts1).reshape(n, 16, 16) & 1) ^ 1
+        q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).to(_F32)
+        return (dl * q).reshape(n, QK_K)

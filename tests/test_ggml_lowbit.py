@@ -1,0 +1,150 @@
+"""Q2_K / Q3_K / IQ4_XS: byte-exact against ggml's own output, decoders exact against gguf-py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from ideoquant.codecs.ggml import iq4_xs
+from ideoquant.codecs.ggml.registry import ggml_type
+
+DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
+TYPES = ["Q2_K", "Q3_K", "IQ4_XS"]
+PATHS = ("", "+imatrix_ones", "+imatrix_random")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    with np.load(DATA) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _reference_keys() -> list[tuple[int, str, str, str]]:
+    with np.load(DATA) as z:
+        files = set(z.files)
+    cases = sorted({k.split("/")[1] for k in files if k.count("/") == 2})
+    return [
+        (n, case, t, path)
+        for n in (256, 512)
+        for case in cases
+        for t in TYPES
+        for path in PATHS
+        if f"n{n}/{case}/{t}{path}" in files
+    ]
+
+
+REFERENCE_KEYS = _reference_keys()
+
+
+def _imatrix(ref, n: int, path: str) -> torch.Tensor | None:
+    if path == "":
+        return None
+    if path == "+imatrix_ones":
+        return torch.ones(n)
+    return torch.from_numpy(ref[f"n{n}/imatrix_random"])
+
+
+def test_reference_data_covers_every_case():
+    # 2 widths x 14 cases x 3 types x (plain, ones, random)
+    assert len(REFERENCE_KEYS) == 2 * 14 * len(TYPES) * len(PATHS)
+
+
+@pytest.mark.parametrize(
+    "n,case,qtype,path", REFERENCE_KEYS, ids=[f"n{n}-{c}-{t}{p}" for n, c, t, p in REFERENCE_KEYS]
+)
+def test_encoder_matches_ggml(ref, n, case, qtype, path):
+    cls = ggml_type(qtype)
+    rows = torch.from_numpy(ref[f"n{n}/{case}/input"])
+    want = ref[f"n{n}/{case}/{qtype}{path}"]
+    got = cls.quantize_rows(rows, _imatrix(ref, n, path)).numpy()
+    assert got.shape == want.shape
+    bad = np.argwhere(got != want)
+    if len(bad):
+        r, c = (int(v) for v in bad[0])
+        pytest.fail(
+            f"{len(bad)} bytes differ; first at row {r} byte {c} (block offset {c % cls.type_size}): "
+            f"got {got[r, c]}, ggml wrote {want[r, c]}"
+        )
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_chunked_encoding_matches_one_call(ref, qtype):
+    """Inner chunks, padding and per-block weights give the same bytes as one call."""
+    cls = ggml_type(qtype)
+    rows = torch.from_numpy(np.concatenate([ref[f"n512/{c}/input"] for c in ("gaussian", "outliers", "zeros")]))
+    im = torch.from_numpy(ref["n512/imatrix_random"])
+    for imatrix in (None, im):
+        whole = cls.quantize_rows(rows, imatrix)
+        assert torch.equal(cls.quantize_tensor(rows, imatrix, chunk_weights=20 * 512), whole)
+    blocks = rows.reshape(-1, cls.block_size)
+    w = im.reshape(1, -1).expand(rows.shape[0], -1).reshape(-1, cls.block_size)
+    assert torch.equal(cls.quantize_blocks(blocks, w).reshape(rows.shape[0], -1), cls.quantize_rows(rows, im))
+
+
+def _gguf_dequantize(data: np.ndarray, qtype: str) -> np.ndarray:
+    return gguf_quants.dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32)
+
+
+def _assert_bits_equal(got: torch.Tensor, want: np.ndarray, what: str):
+    got_np = got.numpy()
+    assert got_np.shape == want.shape, what
+    same = got_np.view(np.uint32) == want.view(np.uint32)
+    if not same.all():
+        at = tuple(int(v) for v in np.argwhere(~same)[0])
+        pytest.fail(f"{what}: {int((~same).sum())} values differ, first at {at}: {got_np[at]} vs {want[at]}")
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_decoder_matches_gguf_on_ggml_output(ref, qtype):
+    cls = ggml_type(qtype)
+    keys = [k for k in ref if k.endswith(f"/{qtype}") or f"/{qtype}+" in k]
+    assert keys
+    for key in keys:
+        data = ref[key]
+        _assert_bits_equal(cls.dequantize_rows(torch.from_numpy(data)), _gguf_dequantize(data, qtype), key)
+
+
+_FP16_FIELDS = {"Q2_K": [80, 82], "Q3_K": [108], "IQ4_XS": [0]}
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_decoder_matches_gguf_on_random_bytes(qtype):
+    cls = ggml_type(qtype)
+    gen = np.random.default_rng(11)
+    data = gen.integers(0, 256, size=(64, 4 * cls.type_size), dtype=np.uint8)
+    blocks = data.reshape(-1, cls.type_size)
+    for off in _FP16_FIELDS[qtype]:  # finite fp16 scales (NaN/inf are not valid ggml data)
+        mags = 10.0 ** gen.integers(-6, 3, blocks.shape[0])
+        scales = (gen.standard_normal(blocks.shape[0]) * mags).astype(np.float16)
+        blocks[:, off : off + 2] = scales.view(np.uint8).reshape(-1, 2)
+    _assert_bits_equal(cls.dequantize_rows(torch.from_numpy(data)), _gguf_dequantize(data, qtype), qtype)
+
+
+def test_best_index_is_the_nearest_codebook_level():
+    """Against a worked-out rule: nearest level, the upper one on an exact midpoint."""
+    values = np.array(iq4_xs.IQ4NL_VALUES, dtype=np.float32)
+    mids = (values[:-1] + values[1:]) / 2
+    probes = np.concatenate([values, mids, mids - 0.25, mids + 0.25, [-1000.0, -127.5, 113.5, 1000.0, 0.0]])
+    probes = probes.astype(np.float32)
+    got = iq4_xs.best_index(torch.from_numpy(probes)).numpy()
+    dist = np.abs(probes[:, None] - values[None, :])
+    nearest = dist.argmin(1)
+    # on a tie ggml picks the upper level (`x - lo < hi - x` is false)
+    tie = (dist == dist.min(1, keepdims=True)).sum(1) > 1
+    nearest[tie] = (dist == dist.min(1, keepdims=True))[tie].nonzero()[1].reshape(-1, 2)[:, 1]
+    assert np.array_equal(got, nearest)
+
+
+@pytest.mark.parametrize("qtype,bound", [("Q2_K", 0.45), ("Q3_K", 0.25), ("IQ4_XS", 0.12)])
+def test_round_trip_error_is_that_of_the_bit_width(qtype, bound):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1024, generator=gen)
+    cls = ggml_type(qtype)
+    y = cls.dequantize_rows(cls.quantize_rows(x))
+    rel = float((y - x).norm() / x.norm())
+    assert 0.0 < rel < bound
