@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
@@ -84,3 +88,65 @@ def test_quantize_blocks_treats_each_block_as_a_row():
         per_block = cls.quantize_blocks(x, w)
         one_by_one = torch.cat([cls.quantize_rows(x[i : i + 1], w[i]) for i in range(40)])
         assert torch.equal(per_block, one_by_one), t
+
+
+# --- the compiled IQ4 candidate sums ----------------------------------------------------------
+
+DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler"
+)
+
+
+@needs_compiler
+@pytest.mark.parametrize("path", ["", "+imatrix_ones", "+imatrix_random"])
+def test_compiled_iq4_search_matches_ggml(path, monkeypatch):
+    """Every ggml reference row for IQ4_NL, tiled to fill whole buckets, through the compiled sums."""
+    with np.load(DATA) as z:
+        cases = sorted({k.split("/")[1] for k in z.files if k.startswith("n512/") and k.endswith("/IQ4_NL")})
+        rows = np.concatenate([z[f"n512/{c}/input"] for c in cases])
+        want = np.concatenate([z[f"n512/{c}/IQ4_NL{path}"] for c in cases])
+        imatrix = {"": None, "+imatrix_ones": torch.ones(512), "+imatrix_random": torch.from_numpy(z["n512/imatrix_random"])}[path]
+    reps = -(-iq4.bucket_blocks() * 32 // rows.size) + 1
+    used = []
+    real = iq4._run
+    monkeypatch.setattr(iq4, "_run", lambda step, *a: used.append(step is not iq4.candidate_sums) or real(step, *a))
+    got = ggml_type("IQ4_NL").quantize_rows(torch.from_numpy(np.tile(rows, (reps, 1))), imatrix).numpy()
+    assert any(used), "the compiled kernel was not used"
+    assert np.array_equal(got, np.tile(want, (reps, 1)))
+
+
+def test_a_compiled_iq4_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
+    real = iq4.candidate_sums
+
+    def off_by_one_ulp(x, w, iscales, lut):
+        out = real(x, w, iscales, lut)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    iq4.compiled_candidate_sums.cache_clear()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: off_by_one_ulp)
+    try:
+        assert iq4.compiled_candidate_sums(iq4.bucket_blocks()) is None
+        assert "compiled IQ4 kernel not used" in caplog.text
+    finally:
+        iq4.compiled_candidate_sums.cache_clear()
+
+
+def test_signed_absmax_takes_the_first_of_tied_magnitudes():
+    """ggml keeps the first element whose |x| beats every earlier one: +a before -a wins, and
+    -a before +a; all-zero blocks (also -0.0) give +0.0."""
+    gen = np.random.default_rng(5)
+    x = gen.integers(-3, 4, size=(300, 32)).astype(np.float32)  # many ties
+    x[0] = 0.0
+    x[1] = -0.0
+    x[2, :] = 0.0
+    x[2, 5], x[2, 9] = -2.0, 2.0
+    want = []
+    for row in x:
+        amax = mx = np.float32(0.0)
+        for v in row:
+            if amax < abs(v):
+                amax, mx = abs(v), v
+        want.append(mx)
+    got = b32._signed_absmax(torch.from_numpy(x)).numpy()
+    assert np.array_equal(got.view(np.uint32), np.array(want, dtype=np.float32).view(np.uint32))

@@ -19,6 +19,7 @@ from .base import (
     round_half_away_inplace,
 )
 from . import fused_kernel
+from . import iq4
 from .iq4 import KVALUES_IQ4NL, iq4_block_scales, iq4_index
 from .scale_search import (
     INNER_CHUNK_WEIGHTS,
@@ -203,18 +204,19 @@ def _pos_major(blocks: torch.Tensor) -> torch.Tensor:
     return gapped33(blocks.t().contiguous())
 
 
-def _encode_block_chunks(blocks: torch.Tensor, weights: torch.Tensor | None, encode, fused: bool, type_size: int) -> torch.Tensor:
+def _encode_block_chunks(
+    blocks: torch.Tensor, weights: torch.Tensor | None, encode, type_size: int, bucket: int | None = None
+) -> torch.Tensor:
     """encode(x [B, 32], w [B, 32] | None) -> uint8 [B, type_size] over inner chunks of blocks.
 
-    With `fused`, chunks are whole buckets of the compiled Q4_K/Q5_K candidate kernel (the
-    Q4_1/Q5_1 search is the same make_qkx3_quants), padded with zero blocks."""
+    With `bucket` (the block count a compiled kernel takes), chunks are whole buckets, the
+    last one padded with zero blocks; else chunks of a few hundred thousand weights."""
     n = blocks.shape[0]
     out = torch.empty((n, type_size), dtype=torch.uint8)
     threads = max(1, torch.get_num_threads())
     big = col_align()
     step = max(big, INNER_CHUNK_WEIGHTS * threads // 32 // big * big)
-    bucket = 8 * fused_kernel.bucket_superblocks()
-    fused = fused and n >= bucket // 4 and fused_candidate_step(bucket // 8) is not None
+    fused = bucket is not None and n >= bucket // 4
     if fused:
         step = bucket
     for a, b in chunk_ranges(n, step):
@@ -230,21 +232,35 @@ def _encode_block_chunks(blocks: torch.Tensor, weights: torch.Tensor | None, enc
     return out
 
 
+def _qkx_bucket() -> int | None:
+    """Blocks per chunk for the make_qkx3_quants search: a bucket of the compiled Q4_K/Q5_K
+    candidate kernel (the same search) where that kernel is available."""
+    bucket = fused_kernel.bucket_superblocks()
+    return 8 * bucket if fused_candidate_step(bucket) is not None else None
+
+
+def _iq4_bucket() -> int | None:
+    bucket = iq4.bucket_blocks()
+    return bucket if iq4.compiled_candidate_sums(bucket) is not None else None
+
+
 def _nibbles(L: torch.Tensor) -> torch.Tensor:
-    """Levels [n, 32] (uint8, low 4 bits used) -> qs [n, 16]: L[j] | L[j+16] << 4."""
-    return (L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)
+    """Levels [n, 32] (uint8, low 4 bits used) -> qs [n, 16]: L[j] | L[j+16] << 4.
 
-
-_BIT_SHIFTS = tuple(range(8))
+    Four levels at a time in int32 words: masking and shifting within each byte."""
+    v = L.contiguous().view(torch.int32)  # [n, 8]: word i holds levels 4i..4i+3
+    qs = (v[:, :4] & 0x0F0F0F0F) | ((v[:, 4:] & 0x0F0F0F0F) << 4)
+    return qs.contiguous().view(torch.uint8)
 
 
 def _fifth_bits(L: torch.Tensor) -> torch.Tensor:
-    """Levels [n, 32] uint8 -> qh [n, 4]: bit j of the little-endian uint32 is bit 4 of L[j]."""
-    hb = ((L >> 4) & 1).view(-1, 4, 8)
-    qh = hb[:, :, 0].clone()
-    for j in _BIT_SHIFTS[1:]:
-        qh |= hb[:, :, j] << j
-    return qh
+    """Levels [n, 32] uint8 -> qh [n, 4]: bit j of the little-endian uint32 is bit 4 of L[j].
+
+    Eight levels at a time in int64 words: bit 4 of each byte moved to bit 0, then one
+    multiplication gathers the eight bits into the top byte (no carries: each byte is 0 or 1)."""
+    v = L.contiguous().view(torch.int64)  # [n, 4]: word g holds levels 8g..8g+7
+    bits = (v >> 4) & 0x0101010101010101
+    return ((bits * 0x0102040810204080) >> 56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -267,20 +283,35 @@ def _min_max_ref(blocks: torch.Tensor, nmax: int) -> torch.Tensor:
     mx = blocks.amax(dim=1)
     d = (mx - mn) / nmax
     idv = torch.where(d != 0, exact_div(1.0, d), torch.zeros_like(d))
-    x0 = (blocks - mn.unsqueeze(1)) * idv.unsqueeze(1)
-    L = torch.clamp(torch.trunc(x0 + 0.5), max=float(nmax))  # MIN(nmax, (int8_t)(x0 + 0.5f))
+    x0 = (blocks - mn.unsqueeze(1)).mul_(idv.unsqueeze(1))
+    L = x0.add_(0.5).trunc_().clamp_(max=float(nmax))  # MIN(nmax, (int8_t)(x0 + 0.5f))
     return L.to(torch.uint8), d, mn
+
+
+def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """ggml's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from amax = max = 0: the
+    first element of largest magnitude of each block [n, 32], +0.0 for all-zero blocks.
+
+    From the block max and min (two fast reductions); only blocks where +a and -a tie look
+    up which comes first."""
+    hi = blocks.amax(dim=1)
+    lo = blocks.amin(dim=1)
+    mx = torch.where(-lo > hi, lo, hi)
+    tie = (-lo == hi) & (hi > 0)
+    if bool(tie.any()):
+        idx = tie.nonzero().squeeze(1)
+        sub = blocks[idx]
+        arg = sub.abs().max(dim=1).indices  # first maximal index
+        mx[idx] = sub.gather(1, arg.unsqueeze(1)).squeeze(1)
+    return torch.where(torch.maximum(hi, -lo) > 0, mx, torch.zeros_like(mx))
 
 
 def _q5_0_ref(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_row_q5_0_ref: d = max / -16 with max the element of largest |x|; L uint8 [n, 32]."""
-    amax, arg = blocks.abs().max(dim=1)
-    mx = blocks.gather(1, arg.unsqueeze(1)).squeeze(1)
-    mx = torch.where(amax > 0, mx, torch.zeros_like(mx))  # ggml keeps max = 0.0f unless |v| > 0
-    d = mx / -16
+    d = _signed_absmax(blocks) / -16
     idv = torch.where(d != 0, exact_div(1.0, d), torch.zeros_like(d))
     x0 = blocks * idv.unsqueeze(1)
-    L = torch.clamp(torch.trunc(x0 + 16.5), max=31.0)  # MIN(31, (int8_t)(x0 + 16.5f))
+    L = x0.add_(16.5).trunc_().clamp_(max=31.0)  # MIN(31, (int8_t)(x0 + 16.5f))
     return L.to(torch.uint8), d
 
 
@@ -354,7 +385,9 @@ class _RowSigmaBlock32(GGMLType):
             sigma2 = row_sum_squares(x) / float(k)
             w = (x * x).add_(sigma2.unsqueeze(1))
             w = qw[a:b] * exact_sqrt(w)
-            enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), cls._encode_search, cls.fused_search, cls.type_size)
+            large = x.numel() // 32 >= 8 * fused_kernel.bucket_superblocks() // 4  # else not worth a padded bucket
+            bucket = _qkx_bucket() if cls.fused_search and large else None
+            enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), cls._encode_search, cls.type_size, bucket)
             out[a:b] = enc.view(b - a, -1)
         return out
 
@@ -461,10 +494,15 @@ class IQ4_NL(GGMLType):
     uses_imatrix = True
 
     @classmethod
+    def prepare(cls) -> None:
+        iq4.compiled_search_available()
+
+    @classmethod
     def quantize_blocks(cls, blocks, weights=None):
         blocks = cpu32(blocks).reshape(-1, 32)
         weights = None if weights is None else cpu32(weights).reshape(-1, 32)
-        return _encode_block_chunks(blocks, weights, _encode_iq4_nl, False, cls.type_size)
+        bucket = _iq4_bucket() if blocks.shape[0] >= iq4.bucket_blocks() // 4 else None
+        return _encode_block_chunks(blocks, weights, _encode_iq4_nl, cls.type_size, bucket)
 
     @classmethod
     def quantize_rows(cls, rows, imatrix=None):
