@@ -1,18 +1,18 @@
 """Encoder speed of the ggml types on full-width Ideogram 4 shaped float32 tensors.
 
-For each type (Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, Q3_K, Q2_K, IQ4_XS) and each path (ggml's `_ref`
-encoder without an importance matrix, its `_impl` encoder with one) this encodes [12288, 4608]
-and [4608, 12288] float32 tensors through `quantize_tensor` (the converter's entry point: row
-chunks, inner chunks, padding, packing, everything) and prints weights per second. With
-`--ggml path/to/libggml-base.so` it also times ggml's own C encoder (`ggml_quantize_chunk`, one
-thread) on the same tensors in the same run, checks that the bytes are the same, and prints
-the ratio.
+For each type (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K, Q8_0, Q3_K, Q2_K, IQ4_XS) and each path (ggml's
+`_ref` encoder without an importance matrix, its `_impl` encoder with one) this encodes
+[12288, 4608] and [4608, 12288] float32 tensors through `quantize_tensor` (the converter's
+entry point: row chunks, inner chunks, padding, packing, everything) and prints weights per
+second. With `--ggml PATH/libggml-base.so` it also times ggml's own single-thread encoder
+(`ggml_quantize_chunk`) on the same tensor in the same run, checks that both wrote the same
+bytes, and prints the ratio.
 
 The tensors look like trained weights: gaussian rows with uneven (log-normal) row scales,
 per-column scale variation, and a few large outliers.
 
 Usage: python bench/bench_kquants.py [--types Q4_K,Q6_K] [--paths ref,imatrix]
-       [--shapes 12288x4608,4608x12288] [--repeat 1] [--threads N] [--ggml ../shared/tools/libggml-base.so]
+       [--shapes 12288x4608,4608x12288] [--rows N] [--repeat 1] [--threads N] [--ggml LIB]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,43 +42,52 @@ def realistic_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return w
 
 
-class GGMLEncoder:
-    """ggml's `ggml_quantize_chunk` through ctypes: its single-thread C encoders."""
+def ggml_encoder(lib_path: str):
+    """ggml's ggml_quantize_chunk through ctypes: encode(type name, float32 [m, k], imatrix) -> uint8."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
 
-    def __init__(self, path: Path):
-        self.lib = ctypes.CDLL(str(path))
-        self.lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        self.lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib = ctypes.CDLL(lib_path)
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
 
-    def quantize(self, cls, w: torch.Tensor, imatrix: torch.Tensor | None) -> np.ndarray:
+    def encode(name: str, w: torch.Tensor, imatrix: torch.Tensor | None) -> np.ndarray:
+        t = int(GGMLQuantizationType[name])
         x = np.ascontiguousarray(w.numpy(), dtype=np.float32)
-        out = np.empty((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
+        m, k = x.shape
+        out = np.empty((m, lib.ggml_row_size(t, k)), dtype=np.uint8)
         im = None if imatrix is None else np.ascontiguousarray(imatrix.numpy(), dtype=np.float32)
-        self.lib.ggml_quantize_chunk(int(cls.qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-                                     None if im is None else im.ctypes.data)
+        lib.ggml_quantize_chunk(t, x.ctypes.data, out.ctypes.data, 0, m, k, None if im is None else im.ctypes.data)
         return out
+
+    return encode
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--types", default="Q4_0,Q4_K,Q5_K,Q6_K,Q8_0,Q3_K,Q2_K,IQ4_XS")
+    parser.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q5_1,IQ4_NL,Q4_K,Q5_K,Q6_K,Q8_0,Q3_K,Q2_K,IQ4_XS")
     parser.add_argument("--paths", default="ref,imatrix")
     parser.add_argument("--shapes", default="12288x4608,4608x12288")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per case (best is kept)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    parser.add_argument("--ggml", type=Path, default=None, help="libggml-base.so: also time ggml's encoder")
+    parser.add_argument("--rows", type=int, default=0, help="encode only the first N rows of each shape")
+    parser.add_argument("--ggml", default=None, help="libggml-base.so: time ggml's single-thread encoder too")
     args = parser.parse_args()
-    ggml = GGMLEncoder(args.ggml) if args.ggml else None
     if args.threads:
         torch.set_num_threads(args.threads)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     tensors = {s: realistic_weight(*s, seed=i) for i, s in enumerate(shapes)}
+    if args.rows:
+        tensors = {s: w[: args.rows].contiguous() for s, w in tensors.items()}
+    ggml = ggml_encoder(args.ggml) if args.ggml else None
     fused = fused_search_available()  # compiles the kernel here, outside the timings
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compiled Q4_K/Q5_K kernel: {'on' if fused else 'off'}")
     head = f"{'type':6s} {'path':8s} {'shape':>12s} {'seconds':>9s} {'M weights/s':>12s}"
-    print(head + (f" {'ggml 1 thread':>14s} {'ratio':>6s} {'same bytes':>10s}" if ggml else ""))
+    print(head + (f" {'ggml 1 thr':>11s} {'ratio':>6s} same" if ggml else ""))
     for name in args.types.split(","):
         cls = ggml_type(name)
         for path in args.paths.split(","):
@@ -93,13 +101,16 @@ def main() -> None:
                     ours = cls.quantize_tensor(w, imatrix)
                     best = min(best, time.perf_counter() - t0)
                 rate = w.numel() / best / 1e6
-                line = f"{name:6s} {path:8s} {shape[0]:>5d}x{shape[1]:<6d} {best:9.2f} {rate:12.1f}"
+                line = f"{name:6s} {path:8s} {w.shape[0]:>5d}x{w.shape[1]:<6d} {best:9.2f} {rate:12.1f}"
                 if ggml is not None:
-                    t0 = time.perf_counter()
-                    theirs = ggml.quantize(cls, w, imatrix if cls.uses_imatrix else None)
-                    ggml_rate = w.numel() / (time.perf_counter() - t0) / 1e6
-                    same = np.array_equal(ours.numpy(), theirs)
-                    line += f" {ggml_rate:14.1f} {rate / ggml_rate:5.2f}x {'yes' if same else 'NO':>10s}"
+                    theirs_best = float("inf")
+                    for _ in range(args.repeat):
+                        t0 = time.perf_counter()
+                        theirs = ggml(name, w, imatrix)
+                        theirs_best = min(theirs_best, time.perf_counter() - t0)
+                    theirs_rate = w.numel() / theirs_best / 1e6
+                    same = "yes" if (ours.numpy() == theirs).all() else "NO"
+                    line += f" {theirs_rate:11.1f} {rate / theirs_rate:6.2f} {same}"
                 print(line, flush=True)
 
 

@@ -104,7 +104,8 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(ALL_FORMATS), required=True, help="Output format.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--branches", type=click.Choice(["cond", "uncond", "both"]), default="both", show_default=True)
-@click.option("--imatrix", default=None, help="GGUF K-quants, IQ4_XS, Q4_0: 'ones' or a calibration statistics file.")
+@click.option("--imatrix", default=None,
+              help="GGUF K-quants, Q4_0/Q4_1/Q5_0/Q5_1, IQ4_NL, IQ4_XS: 'ones' or a calibration statistics file.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None, help="INT8: statistics from `calibrate`.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="INT8: fixed SmoothQuant alpha.")
 @click.option("--protect-budget", default=None,

@@ -1,4 +1,5 @@
-"""Q4_0 / Q4_K / Q5_K / Q6_K (and Q8_0): byte-exact against ggml, decoders exact against gguf-py."""
+"""Q4_0 / Q4_1 / Q5_0 / Q5_1 / IQ4_NL / Q4_K / Q5_K / Q6_K (and Q8_0): byte-exact against ggml,
+decoders exact against gguf-py."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from ideoquant.codecs.ggml import scale_search as ss
 from ideoquant.codecs.ggml.registry import GGML_TYPES, ggml_type
 
 DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
-TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
-IMATRIX_TYPES = ["Q4_0", "Q4_K", "Q5_K", "Q6_K"]
-QUANT_TYPES = ["Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+BLOCK32_TYPES = ["Q4_1", "Q5_0", "Q5_1", "IQ4_NL"]
+TYPES = ["Q8_0", "Q4_0", *BLOCK32_TYPES, "Q4_K", "Q5_K", "Q6_K"]
+IMATRIX_TYPES = ["Q4_0", *BLOCK32_TYPES, "Q4_K", "Q5_K", "Q6_K"]
+QUANT_TYPES = ["Q4_0", *BLOCK32_TYPES, "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +91,9 @@ def test_quantize_tensor_matches_quantize_rows(ref, qtype):
         whole = cls.quantize_rows(rows, imatrix)
         chunked = cls.quantize_tensor(rows, imatrix, chunk_weights=20 * 512)
         assert torch.equal(whole, chunked)
-        # per-block weights through quantize_blocks (K-quants: the same as an imatrix per column)
-        if imatrix is not None and qtype != "Q4_0":
+        # per-block weights through quantize_blocks (K-quants and IQ4_NL, whose sigma2 is per
+        # block: the same as an imatrix per column)
+        if imatrix is not None and (cls.block_size == 256 or qtype == "IQ4_NL"):
             blocks = rows.reshape(-1, cls.block_size)
             w = imatrix.reshape(1, -1).expand(rows.shape[0], -1).reshape(-1, cls.block_size)
             assert torch.equal(cls.quantize_blocks(blocks, w).reshape(rows.shape[0], -1), whole)
@@ -122,7 +125,10 @@ def test_decoder_matches_gguf_on_ggml_output(ref, qtype):
 
 
 def _fp16_fields(qtype: str) -> list[int]:
-    return {"Q4_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[qtype]
+    return {
+        "Q4_0": [0], "Q8_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0],
+        "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    }[qtype]
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -156,6 +162,8 @@ def test_round_trip_error_ordering():
         assert e["Q6_K"] < e["Q5_K"] < e["Q4_K"] < 0.12, e
         assert e["Q6_K"] < 0.03 and e["Q5_K"] < 0.06, e
         assert e["Q4_0"] < 0.15, e
+        assert e["Q5_1"] < e["Q5_0"] < e["IQ4_NL"] < e["Q4_0"], e
+        assert e["Q5_1"] < e["Q4_1"] < e["Q4_0"], e
 
 
 def test_zero_rows_round_trip_to_zero():
@@ -170,7 +178,9 @@ def test_zero_rows_round_trip_to_zero():
 
 
 def test_registry_and_geometry():
-    for t, (bs, ts) in {"Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}.items():
+    geometry = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "IQ4_NL": (32, 18)}
+    geometry |= {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+    for t, (bs, ts) in geometry.items():
         cls = ggml_type(t)
         assert GGML_TYPES[GGMLQuantizationType[t]] is cls
         assert (cls.block_size, cls.type_size, cls.uses_imatrix) == (bs, ts, True)
@@ -275,6 +285,8 @@ def fresh_fused_caches():
 FUSED_CASES = [(n, t, p, 1) for n in (256, 512) for t in ("Q4_K", "Q5_K") for p in ("", "+imatrix_ones", "+imatrix_random")]
 # Two threads compile the parallel variant of the kernel, the one conversions use on most machines.
 FUSED_CASES += [(512, "Q4_K", "", 2), (512, "Q4_K", "+imatrix_random", 2)]
+# Q4_1 and Q5_1 search with make_qkx3_quants too, through the same kernel.
+FUSED_CASES += [(512, t, p, 1) for t in ("Q4_1", "Q5_1") for p in ("+imatrix_ones", "+imatrix_random")]
 
 
 @needs_compiler

@@ -16,6 +16,7 @@ from ideoquant.export.convert import convert
 from ideoquant.export.options import ConvertOptions
 from ideoquant.io.source import open_source
 from ideoquant.model.inventory import expected_tensors
+from ideoquant.recipes import gguf_policy
 from ideoquant.recipes.gguf_policy import gguf_tensor_types
 
 from .conftest import DATA, gguf_files
@@ -100,13 +101,17 @@ def test_encoders_match_ggml_vectors(qtype):
             assert np.array_equal(decoded.view(np.uint32), ref.reshape(decoded.shape).view(np.uint32)), case
 
 
-@pytest.mark.parametrize("fmt, bits", [("f32", 32.0), ("f16", 16.0), ("bf16", 16.0), ("q8_0", 8.5)])
+FORMAT_BITS = [("f32", 32.0), ("f16", 16.0), ("bf16", 16.0), ("q8_0", 8.5)]
+FORMAT_BITS += [("q5_1", 6.0), ("q5_0", 5.5), ("q4_1", 5.0), ("iq4_nl", 4.5)]
+
+
+@pytest.mark.parametrize("fmt, bits", FORMAT_BITS)
 def test_formats_decode_close_to_source(tiny_fp8, tmp_path, fmt, bits):
     results = convert(str(tiny_fp8), ConvertOptions(fmt=fmt, out=tmp_path, branches="cond", quiet=True))
     r = results[0]
     bs = open_source(tiny_fp8).branches["transformer"]
     quantized = [t for t in r.tensors if len(t.shape) == 2]
-    bound = {"f32": 0.0, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2}[fmt]
+    bound = {"f32": 0.0, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2, "q5_1": 0.05, "q5_0": 0.06, "q4_1": 0.1, "iq4_nl": 0.12}[fmt]
     assert all(t.rel_error <= bound for t in quantized)
     data_bits = 8 * sum(t.nbytes for t in quantized) / sum(np.prod(t.shape) for t in quantized)
     assert data_bits == pytest.approx(bits, abs=0.01)
@@ -134,6 +139,15 @@ def test_k_quant_policy_falls_back_for_short_rows():
     choices = {c.name: c for c in gguf_tensor_types(TINY, "q4_k")}
     assert choices["input_proj.weight"].qtype == QT.Q8_0  # rows of 128 cannot hold a 256 block
     assert "fallback" in choices["input_proj.weight"].reason
+    # Q4_K/Q5_K/Q6_K keep Q8_0 there, as their files always had; the types below 4 bits take IQ4_NL
+    for fmt, want in (("q5_k", QT.Q8_0), ("q6_k", QT.Q8_0), ("q5_k_m", QT.Q8_0), ("q3_k", QT.IQ4_NL), ("q2_k", QT.IQ4_NL),
+                      ("iq4_xs", QT.IQ4_NL)):
+        assert {c.name: c for c in gguf_tensor_types(TINY, fmt)}["input_proj.weight"].qtype == want, fmt
+    # the 32-weight types fit every tensor of the model: no fallback
+    for fmt, want in (("q4_1", QT.Q4_1), ("q5_0", QT.Q5_0), ("q5_1", QT.Q5_1), ("iq4_nl", QT.IQ4_NL)):
+        plan = gguf_tensor_types(TINY, fmt)
+        assert all(c.qtype == want for c in plan if len(c.shape) == 2), fmt
+        assert not any("fallback" in c.reason for c in plan), fmt
     assert choices["layers.0.attention.qkv.weight"].qtype == QT.Q4_K
     mixed = {c.name: c for c in gguf_tensor_types(TINY, "q4_k_m")}
     assert mixed["layers.1.feed_forward.w2.weight"].qtype == QT.Q5_K
@@ -171,3 +185,34 @@ def test_importance_matrix_paths(tiny_fp8, tmp_path):
     plain = q4k.quantize_rows(source.branches["transformer"].read_float32("layers.0.feed_forward.w2.weight")).numpy()
     imat = load_importance(stats, "layers.0.feed_forward.w2", "transformer")
     assert not np.array_equal(plain, q4k.quantize_rows(source.branches["transformer"].read_float32("layers.0.feed_forward.w2.weight"), imat).numpy())
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q5_0", "q5_1", "iq4_nl"])
+def test_32_weight_formats_through_the_cli(tiny_fp8, tmp_path, fmt):
+    """convert (with stable-diffusion.cpp's all-ones importance), inspect --plan, the card,
+    the report and verify against the source, for each 32-weight format."""
+    from click.testing import CliRunner
+
+    from ideoquant import cli
+
+    def run(*args):
+        return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+    qtype = fmt.upper()
+    plan = run("inspect", tiny_fp8, "--plan", fmt)
+    assert plan.exit_code == 0, plan.output
+    assert "layers.0.feed_forward.w2.weight" in plan.output and qtype in plan.output
+    out = tmp_path / "out"
+    result = run("convert", tiny_fp8, "--format", fmt, "--imatrix", "ones", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    cond = out / f"ideogram4-{qtype}.gguf"
+    reader = GGUFReader(cond)
+    linear_types = {QT(t.tensor_type) for t in reader.tensors if len(t.shape) == 2 and t.name != "embed_image_indicator.weight"}
+    assert linear_types == {QT[qtype]}
+    assert int(reader.get_field("general.file_type").contents()) == int(gguf_policy.FILE_TYPES[fmt])
+    card = (out / "README.md").read_text()
+    assert f"{qtype} GGUF" in card and f"| {qtype} |" in card
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["branches"]["transformer"]["tensors"]
+    verified = run("verify", out, "--source", tiny_fp8)
+    assert verified.exit_code == 0, verified.output

@@ -24,7 +24,7 @@ from ideoquant.runtime.pipeline import load_transformer
 
 # Widths that fit 256-weight K-quant blocks everywhere except input_proj (rows of 128).
 DIMS = ModelDims(in_channels=128, hidden=256, head_dim=64, intermediate=512, adaln_dim=256, llm_features=256, num_layers=2)
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
 TYPES += ["Q3_K", "Q2_K", "IQ4_XS"]
 FALLBACKS = (QT.Q8_0, QT.F16)
 
@@ -46,12 +46,15 @@ def synthetic_tensors(dims: ModelDims, seed: int = 0) -> dict[str, torch.Tensor]
 
 # Where each block type keeps its fp16 scale(s): (offset, count) in the block.
 _SCALE_FIELDS = {QT.Q8_0: (0, 1), QT.Q4_0: (0, 1), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208, 1)}
-_SCALE_FIELDS.update({QT.Q2_K: (80, 2), QT.Q3_K: (108, 1), QT.IQ4_XS: (0, 1)})
+_SCALE_FIELDS |= {QT.Q4_1: (0, 2), QT.Q5_0: (0, 1), QT.Q5_1: (0, 2), QT.IQ4_NL: (0, 1)}
+_SCALE_FIELDS |= {QT.Q2_K: (80, 2), QT.Q3_K: (108, 1), QT.IQ4_XS: (0, 1)}
 # Largest |code x sub-scale| of each type, to bring random blocks to about 1/sqrt(k) per weight.
 _CODE_RANGE = {QT.Q8_0: 128, QT.Q4_0: 8, QT.Q4_K: 63 * 15, QT.Q5_K: 63 * 31, QT.Q6_K: 128 * 32}
-_CODE_RANGE.update({QT.Q2_K: 15 * 3, QT.Q3_K: 32 * 4, QT.IQ4_XS: 32 * 127})
-# K-quants: dmin / d that centres x = d*sc*q - dmin*m on zero for uniform random codes.
-_MIN_RATIO = {QT.Q4_K: 7.5, QT.Q5_K: 15.5, QT.Q2_K: 1.5}
+_CODE_RANGE |= {QT.Q4_1: 15, QT.Q5_0: 16, QT.Q5_1: 31, QT.IQ4_NL: 127}
+_CODE_RANGE |= {QT.Q2_K: 15 * 3, QT.Q3_K: 32 * 4, QT.IQ4_XS: 32 * 127}
+# Types with a min: min / d that centres x = d*q - min (K-quants: d*sc*q - dmin*m) on zero
+# for uniform random codes (Q4_1/Q5_1 add the min: a negative one).
+_MIN_RATIO = {QT.Q4_K: 7.5, QT.Q5_K: 15.5, QT.Q2_K: 1.5, QT.Q4_1: -7.5, QT.Q5_1: -15.5}
 
 
 _TORCH_FLOAT = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
@@ -222,7 +225,7 @@ def test_decoding_is_device_generic(gguf_files, qtype):
     assert_linears_run_off_cpu(load_transformer(gguf_files[qtype], dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "BF16", "Q2_K", "IQ4_XS"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q6_K", "BF16", "Q2_K", "IQ4_XS"])
 def test_resident_bytes_track_file_size(gguf_files, qtype):
     path = gguf_files[qtype]
     model = load_transformer(path, dtype=torch.bfloat16)
@@ -295,10 +298,10 @@ def _edited(tmp_path: Path, edit) -> Path:
         (lambda e: [x for x in e if x[0] != "embed_image_indicator.weight"], "not an Ideogram 4 checkpoint"),
         (
             lambda e: [
-                (n, gguf_quants.quantize(np.ones((256, 256), np.float32), QT.Q5_0), QT.Q5_0) if n == "layers.0.attention.o.weight" else (n, d, t)
+                (n, np.zeros((256, 66), np.uint8), QT.IQ2_XXS) if n == "layers.0.attention.o.weight" else (n, d, t)
                 for n, d, t in e
             ],
-            "ggml type Q5_0",
+            "ggml type IQ2_XXS",
         ),
     ],
     ids=["missing-norm", "missing-qkv", "misshaped", "not-ideogram", "unknown-type"],

@@ -10,7 +10,7 @@ from .convert import convert
 from .options import ConvertOptions
 from .report import bits_per_weight, format_table, human_bytes
 
-DEMO_FORMATS = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k", "q5_k_m", "q4_k", "q4_k_m", "q4_0", "nf4", "int8")
+DEMO_FORMATS = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k", "q5_k_m", "q5_1", "q5_0", "q4_k", "q4_k_m", "q4_1", "q4_0", "iq4_nl", "nf4", "int8")
 
 
 def run_demo(out: Path, formats: tuple[str, ...] = DEMO_FORMATS, seed: int = 0) -> str:

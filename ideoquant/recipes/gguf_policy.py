@@ -13,18 +13,23 @@ from gguf import LlamaFileType
 
 from ..model.inventory import ModelDims, expected_tensors
 
-GGUF_FORMATS: dict[str, QT] = {
-    "f32": QT.F32,
-    "f16": QT.F16,
-    "bf16": QT.BF16,
-    "q8_0": QT.Q8_0,
-    "q4_0": QT.Q4_0,
-    "q4_k": QT.Q4_K,
-    "q5_k": QT.Q5_K,
-    "q6_k": QT.Q6_K,
-    "q3_k": QT.Q3_K,
-    "q2_k": QT.Q2_K,
-    "iq4_xs": QT.IQ4_XS,
+# One line per plain format: name -> (the type of every per-block linear, llama.cpp file type).
+GGUF_FORMAT_TABLE: dict[str, tuple[QT, LlamaFileType]] = {
+    "f32": (QT.F32, LlamaFileType.ALL_F32),
+    "f16": (QT.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (QT.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (QT.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (QT.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (QT.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (QT.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "iq4_nl": (QT.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
+    "q4_k": (QT.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q5_k": (QT.Q5_K, LlamaFileType.MOSTLY_Q5_K_S),
+    "q6_k": (QT.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "q3_k": (QT.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+    "q2_k": (QT.Q2_K, LlamaFileType.MOSTLY_Q2_K),
+    "iq4_xs": (QT.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
 }
 # The q3_k mixes, from `bench/kquant_mix_sensitivity.py` (velocity error with one kind of
 # linear in Q3_K, the rest float32; README "Measured"): the small tensors outside the blocks
@@ -40,44 +45,37 @@ _Q3_K_OUTSIDE = (
     "final_layer.linear.weight",
     "final_layer.adaln_modulation.weight",
 )
-# llama.cpp-style mixes: the base type, and the tensors kept one type higher.
+# One line per llama.cpp-style mix: name -> (base type, tensors kept higher, file type).
 # feed_forward.w2 (the FFN down-projection) is the set most sensitive to 4-bit error.
-GGUF_MIXES: dict[str, tuple[QT, dict[str, QT]]] = {
-    "q4_k_s": (QT.Q4_K, {}),
-    "q4_k_m": (QT.Q4_K, {"feed_forward.w2.weight": QT.Q5_K}),
-    "q5_k_s": (QT.Q5_K, {}),
-    "q5_k_m": (QT.Q5_K, {"feed_forward.w2.weight": QT.Q6_K}),
-    "q3_k_s": (QT.Q3_K, {}),
-    "q3_k_m": (QT.Q3_K, {"adaln_modulation.weight": QT.Q4_K, **dict.fromkeys(_Q3_K_OUTSIDE, QT.Q5_K)}),
+GGUF_MIX_TABLE: dict[str, tuple[QT, dict[str, QT], LlamaFileType]] = {
+    "q4_k_s": (QT.Q4_K, {}, LlamaFileType.MOSTLY_Q4_K_S),
+    "q4_k_m": (QT.Q4_K, {"feed_forward.w2.weight": QT.Q5_K}, LlamaFileType.MOSTLY_Q4_K_M),
+    "q5_k_s": (QT.Q5_K, {}, LlamaFileType.MOSTLY_Q5_K_S),
+    "q5_k_m": (QT.Q5_K, {"feed_forward.w2.weight": QT.Q6_K}, LlamaFileType.MOSTLY_Q5_K_M),
+    "q3_k_s": (QT.Q3_K, {}, LlamaFileType.MOSTLY_Q3_K_S),
+    "q3_k_m": (QT.Q3_K, {"adaln_modulation.weight": QT.Q4_K, **dict.fromkeys(_Q3_K_OUTSIDE, QT.Q5_K)}, LlamaFileType.MOSTLY_Q3_K_M),
     "q3_k_l": (
         QT.Q3_K,
         {"attention.qkv.weight": QT.Q4_K, "adaln_modulation.weight": QT.Q5_K, **dict.fromkeys(_Q3_K_OUTSIDE, QT.Q5_K)},
+        LlamaFileType.MOSTLY_Q3_K_L,
     ),
 }
-FILE_TYPES: dict[str, LlamaFileType] = {
-    "f32": LlamaFileType.ALL_F32,
-    "f16": LlamaFileType.MOSTLY_F16,
-    "bf16": LlamaFileType.MOSTLY_BF16,
-    "q8_0": LlamaFileType.MOSTLY_Q8_0,
-    "q4_0": LlamaFileType.MOSTLY_Q4_0,
-    "q4_k": LlamaFileType.MOSTLY_Q4_K_S,
-    "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S,
-    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
-    "q5_k": LlamaFileType.MOSTLY_Q5_K_S,
-    "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S,
-    "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
-    "q6_k": LlamaFileType.MOSTLY_Q6_K,
-    "q3_k": LlamaFileType.MOSTLY_Q3_K_S,
-    "q3_k_s": LlamaFileType.MOSTLY_Q3_K_S,
-    "q3_k_m": LlamaFileType.MOSTLY_Q3_K_M,
-    "q3_k_l": LlamaFileType.MOSTLY_Q3_K_L,
-    "q2_k": LlamaFileType.MOSTLY_Q2_K,
-    "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
-}
+GGUF_FORMATS: dict[str, QT] = {name: qtype for name, (qtype, _) in GGUF_FORMAT_TABLE.items()}
+GGUF_MIXES: dict[str, tuple[QT, dict[str, QT]]] = {name: (b, o) for name, (b, o, _) in GGUF_MIX_TABLE.items()}
+FILE_TYPES: dict[str, LlamaFileType] = {name: ft for name, (_, ft) in GGUF_FORMAT_TABLE.items()}
+FILE_TYPES |= {name: ft for name, (_, _, ft) in GGUF_MIX_TABLE.items()}
 
-# When a tensor's row length does not fit the requested type's blocks, the first of these
-# that fits is used (input_proj has rows of 128, too short for any 256-weight K-quant block).
-GGUF_FALLBACKS = (QT.Q8_0, QT.F16)
+# When a tensor's rows do not fit the wanted type's blocks: the nearest type that fits, then
+# Q8_0, then F16. One line per type. input_proj has rows of 128, too short for any 256-weight
+# K-quant block; Q4_K/Q5_K files keep it in Q8_0, as they always have (their bytes stay the
+# same from release to release), the types below 4 bits take the 32-weight IQ4_NL.
+GGUF_FALLBACKS: dict[QT, tuple[QT, ...]] = {
+    QT.Q2_K: (QT.IQ4_NL, QT.Q8_0, QT.F16),
+    QT.Q3_K: (QT.IQ4_NL, QT.Q8_0, QT.F16),
+    QT.IQ4_XS: (QT.IQ4_NL, QT.Q8_0, QT.F16),
+    QT.Q6_K: (QT.Q8_0, QT.F16),
+}
+DEFAULT_FALLBACKS = (QT.Q8_0, QT.F16)
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ def _block_size(qtype: QT) -> int:
 def gguf_tensor_types(dims: ModelDims, fmt: str) -> list[TensorChoice]:
     """The GGUF type policy: per-block linears in the requested type (mixes: w2 higher),
     every 1-D tensor in F32, other 2-D tensors in the requested type where their rows fit
-    its blocks, else the first fitting fallback (Q8_0, then F16)."""
+    its blocks, else the nearest type that fits (`GGUF_FALLBACKS`)."""
     if fmt in GGUF_MIXES:
         base, overrides = GGUF_MIXES[fmt]
     elif fmt in GGUF_FORMATS:
@@ -129,7 +127,8 @@ def gguf_tensor_types(dims: ModelDims, fmt: str) -> list[TensorChoice]:
             if spec.name.endswith(suffix):
                 wanted, reason = higher, f"{fmt} keeps {suffix.rsplit('.', 1)[0]} {_higher_by(base, higher)}"
         if spec.shape[-1] % _block_size(wanted):
-            fallback = next(t for t in GGUF_FALLBACKS if spec.shape[-1] % _block_size(t) == 0)
+            chain = GGUF_FALLBACKS.get(wanted, DEFAULT_FALLBACKS)
+            fallback = next(t for t in chain if spec.shape[-1] % _block_size(t) == 0)
             reason = f"rows of {spec.shape[-1]} do not fit {wanted.name} blocks of {_block_size(wanted)}; fallback"
             wanted = fallback
         choices.append(TensorChoice(spec.name, spec.shape, wanted, reason))

@@ -1,10 +1,12 @@
-"""ggml's 32-weight block types: Q8_0 and Q4_0.
+"""ggml's 32-weight block types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL.
 
-Encoders byte-identical to ggml (`quantize_row_<type>_ref`, and for Q4_0 the `_impl` path
-with an importance matrix); decoders bit-equal to gguf-py's.
+Encoders byte-identical to ggml (`quantize_row_<type>_ref` without an importance matrix, the
+`_impl` path with one; IQ4_NL has one search for both); decoders bit-equal to gguf-py's.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from gguf import GGMLQuantizationType
@@ -16,6 +18,9 @@ from .base import (
     fp16_from_bytes,
     round_half_away_inplace,
 )
+from . import fused_kernel
+from . import iq4
+from .iq4 import KVALUES_IQ4NL, iq4_block_scales, iq4_index
 from .scale_search import (
     INNER_CHUNK_WEIGHTS,
     VEC_COLS,
@@ -24,9 +29,13 @@ from .scale_search import (
     cpu32,
     exact_div,
     exact_sqrt,
+    fused_candidate_step,
+    fused_search_available,
     gapped33,
+    make_qkx_all,
     make_qx,
     round_up,
+    sum33,
     sum_rows,
     ungap33,
 )
@@ -166,3 +175,350 @@ class Q4_0(GGMLType):
         qs = blocks[:, 2:].reshape(n, 1, 16)
         q = torch.cat([qs & 0xF, qs >> 4], dim=1).reshape(n, 32).to(torch.int8) - 8
         return d * q.to(_F32)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by Q4_1, Q5_0, Q5_1 and IQ4_NL: row sums, chunked block encoding, packing.
+# --------------------------------------------------------------------------------------------
+
+
+def row_sum_squares(rows: torch.Tensor) -> torch.Tensor:
+    """`sum_x2 += x[j]*x[j]` over each row of rows [m, k] (k a multiple of 16), in ggml's order."""
+    m, k = rows.shape
+    big = col_align()
+    mp = round_up(m, VEC_COLS if m < big else big)
+    # buf[r + 1] = x[r]^2 (position-major). Step j sums [s, x[j]^2 .. x[j+15]^2] in order, the
+    # running sum s written over row j, whose square the previous step has already added.
+    buf = torch.zeros((k + 1, mp), dtype=_F32)
+    buf[1:, :m] = rows.t()
+    buf[1:].mul_(buf[1:])
+    s = buf[0]
+    for j in range(0, k, 16):
+        buf[j] = s
+        s = sum_rows(buf[j : j + 17])
+    return s[:m]
+
+
+def _pos_major(blocks: torch.Tensor) -> torch.Tensor:
+    """[B, 32] -> [33, B] gapped position-major (`gapped33`)."""
+    return gapped33(blocks.t().contiguous())
+
+
+def _encode_block_chunks(
+    blocks: torch.Tensor, weights: torch.Tensor | None, encode, type_size: int, bucket: int | None = None
+) -> torch.Tensor:
+    """encode(x [B, 32], w [B, 32] | None) -> uint8 [B, type_size] over inner chunks of blocks.
+
+    With `bucket` (the block count a compiled kernel takes), chunks are whole buckets, the
+    last one padded with zero blocks; else chunks of a few hundred thousand weights."""
+    n = blocks.shape[0]
+    out = torch.empty((n, type_size), dtype=torch.uint8)
+    threads = max(1, torch.get_num_threads())
+    big = col_align()
+    step = max(big, INNER_CHUNK_WEIGHTS * threads // 32 // big * big)
+    fused = bucket is not None and n >= bucket // 4
+    if fused:
+        step = bucket
+    for a, b in chunk_ranges(n, step):
+        nb = b - a
+        npad = bucket if fused and nb >= bucket // 4 else round_up(nb, VEC_COLS if nb < big else big)
+        x = blocks[a:b]
+        w = None if weights is None else weights[a:b]
+        if npad != nb:
+            x = torch.cat([x, x.new_zeros(npad - nb, 32)])
+            if w is not None:
+                w = torch.cat([w, w.new_zeros(npad - nb, 32)])
+        out[a:b] = encode(x, w)[:nb]
+    return out
+
+
+def _qkx_bucket() -> int | None:
+    """Blocks per chunk for the make_qkx3_quants search: a bucket of the compiled Q4_K/Q5_K
+    candidate kernel (the same search) where that kernel is available."""
+    bucket = fused_kernel.bucket_superblocks()
+    return 8 * bucket if fused_candidate_step(bucket) is not None else None
+
+
+def _iq4_bucket() -> int | None:
+    bucket = iq4.bucket_blocks()
+    return bucket if iq4.compiled_candidate_sums(bucket) is not None else None
+
+
+def _nibbles(L: torch.Tensor) -> torch.Tensor:
+    """Levels [n, 32] (uint8, low 4 bits used) -> qs [n, 16]: L[j] | L[j+16] << 4.
+
+    Four levels at a time in int32 words: masking and shifting within each byte."""
+    v = L.contiguous().view(torch.int32)  # [n, 8]: word i holds levels 4i..4i+3
+    qs = (v[:, :4] & 0x0F0F0F0F) | ((v[:, 4:] & 0x0F0F0F0F) << 4)
+    return qs.contiguous().view(torch.uint8)
+
+
+def _fifth_bits(L: torch.Tensor) -> torch.Tensor:
+    """Levels [n, 32] uint8 -> qh [n, 4]: bit j of the little-endian uint32 is bit 4 of L[j].
+
+    Eight levels at a time in int64 words: bit 4 of each byte moved to bit 0, then one
+    multiplication gathers the eight bits into the top byte (no carries: each byte is 0 or 1)."""
+    v = L.contiguous().view(torch.int64)  # [n, 4]: word g holds levels 8g..8g+7
+    bits = (v >> 4) & 0x0101010101010101
+    return ((bits * 0x0102040810204080) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """qs [n, 16] -> levels [n, 32] uint8."""
+    n = qs.shape[0]
+    q = qs.reshape(n, 1, 16)
+    return torch.cat([q & 0xF, q >> 4], dim=1).reshape(n, 32)
+
+
+def _unpack_fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """qh [n, 4] -> bit 4 of each level [n, 32] uint8 (0 or 16)."""
+    n = qh.shape[0]
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device).view(1, 1, 8)
+    return (((qh.reshape(n, 4, 1) >> shifts) & 1) << 4).reshape(n, 32)
+
+
+def _min_max_ref(blocks: torch.Tensor, nmax: int) -> torch.Tensor:
+    """quantize_row_q4_1_ref / q5_1_ref levels and (d, min): returns (L uint8 [n, 32], d, mn)."""
+    mn = blocks.amin(dim=1)
+    mx = blocks.amax(dim=1)
+    d = (mx - mn) / nmax
+    idv = torch.where(d != 0, exact_div(1.0, d), torch.zeros_like(d))
+    x0 = (blocks - mn.unsqueeze(1)).mul_(idv.unsqueeze(1))
+    L = x0.add_(0.5).trunc_().clamp_(max=float(nmax))  # MIN(nmax, (int8_t)(x0 + 0.5f))
+    return L.to(torch.uint8), d, mn
+
+
+def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """ggml's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from amax = max = 0: the
+    first element of largest magnitude of each block [n, 32], +0.0 for all-zero blocks.
+
+    From the block max and min (two fast reductions); only blocks where +a and -a tie look
+    up which comes first."""
+    hi = blocks.amax(dim=1)
+    lo = blocks.amin(dim=1)
+    mx = torch.where(-lo > hi, lo, hi)
+    tie = (-lo == hi) & (hi > 0)
+    if bool(tie.any()):
+        idx = tie.nonzero().squeeze(1)
+        sub = blocks[idx]
+        arg = sub.abs().max(dim=1).indices  # first maximal index
+        mx[idx] = sub.gather(1, arg.unsqueeze(1)).squeeze(1)
+    return torch.where(torch.maximum(hi, -lo) > 0, mx, torch.zeros_like(mx))
+
+
+def _q5_0_ref(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_row_q5_0_ref: d = max / -16 with max the element of largest |x|; L uint8 [n, 32]."""
+    d = _signed_absmax(blocks) / -16
+    idv = torch.where(d != 0, exact_div(1.0, d), torch.zeros_like(d))
+    x0 = blocks * idv.unsqueeze(1)
+    L = x0.add_(16.5).trunc_().clamp_(max=31.0)  # MIN(31, (int8_t)(x0 + 16.5f))
+    return L.to(torch.uint8), d
+
+
+def _qkx3_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx3_quants(32, nmax, x, w, L, &the_min, Laux, -0.9f, 0.05f, 36, false) per block.
+
+    Returns (scale [B], the_min [B], L uint8 [B, 32])."""
+    X = _pos_major(x)
+    W = _pos_major(w)
+    sum_w = sum33(W.clone())
+    sum_x = sum33(W * X)
+    scale, the_min, levels = make_qkx_all(X, W, x.amin(1), x.amax(1), sum_w, sum_x, nmax, -0.9, 0.05, 36, True)
+    return scale, the_min, ungap33(levels()).t().to(torch.uint8)
+
+
+class _RowSigmaBlock32(GGMLType):
+    """Q4_1, Q5_0, Q5_1: `_ref` encoders without an importance matrix; with one, the `_impl`
+    search on weights qw[j] * sqrt(sigma2 + x[j]^2), sigma2 the mean square of the whole row."""
+
+    block_size = 32
+    uses_imatrix = True
+    # Whether the search is make_qkx3_quants (runs through the compiled K-quant kernel).
+    fused_search: ClassVar[bool] = False
+
+    @classmethod
+    def _encode_ref(cls, blocks: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _encode_search(cls, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def prepare(cls) -> None:
+        if cls.fused_search:
+            fused_search_available()
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        """Without weights: the `_ref` encoder. With weights [n, 32]: each block is a row of its own."""
+        blocks = cpu32(blocks).reshape(-1, 32)
+        if weights is None:
+            return cls._ref_chunks(blocks)
+        return cls._impl_rows(blocks, cpu32(weights).reshape(-1, 32))
+
+    @classmethod
+    def quantize_rows(cls, rows, imatrix=None):
+        m, k = rows.shape
+        if not cls.can_encode(k):
+            raise ValueError(f"{cls.__name__}: row length {k} is not a multiple of {cls.block_size}")
+        rows = cpu32(rows)
+        if imatrix is None:
+            return cls._ref_chunks(rows.reshape(-1, 32)).reshape(m, -1)
+        return cls._impl_rows(rows, cpu32(imatrix).reshape(1, k).expand(m, k))
+
+    @classmethod
+    def _ref_chunks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        n = blocks.shape[0]
+        out = torch.empty((n, cls.type_size), dtype=torch.uint8)
+        for a, b in chunk_ranges(n, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // 32)):
+            out[a:b] = cls._encode_ref(blocks[a:b])
+        return out
+
+    @classmethod
+    def _impl_rows(cls, rows: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+        """quantize_row_<type>_impl on each row of rows [m, k] with importance qw [m, k]."""
+        m, k = rows.shape
+        out = torch.empty((m, cls.row_bytes(k)), dtype=torch.uint8)
+        for a, b in chunk_ranges(m, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k)):
+            x = rows[a:b]
+            sigma2 = row_sum_squares(x) / float(k)
+            w = (x * x).add_(sigma2.unsqueeze(1))
+            w = qw[a:b] * exact_sqrt(w)
+            large = x.numel() // 32 >= 8 * fused_kernel.bucket_superblocks() // 4  # else not worth a padded bucket
+            bucket = _qkx_bucket() if cls.fused_search and large else None
+            enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), cls._encode_search, cls.type_size, bucket)
+            out[a:b] = enc.view(b - a, -1)
+        return out
+
+
+class Q4_1(_RowSigmaBlock32):
+    """20 bytes per 32 weights: fp16 d, fp16 m, 32 4-bit levels (x = d * q + m)."""
+
+    qtype = GGMLQuantizationType.Q4_1
+    type_size = 20
+    fused_search = True
+
+    @classmethod
+    def _encode_ref(cls, blocks):
+        L, d, mn = _min_max_ref(blocks, 15)
+        return torch.cat([fp16_bytes(d), fp16_bytes(mn), _nibbles(L)], dim=1)
+
+    @classmethod
+    def _encode_search(cls, x, w):
+        scale, the_min, L = _qkx3_search(x, w, 15)
+        return torch.cat([fp16_bytes(scale), fp16_bytes(-the_min), _nibbles(L)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = fp16_from_bytes(blocks[:, 0:2])
+        m = fp16_from_bytes(blocks[:, 2:4])
+        return d * _unpack_nibbles(blocks[:, 4:20]).to(_F32) + m
+
+
+class Q5_0(_RowSigmaBlock32):
+    """22 bytes per 32 weights: fp16 d, 32 fifth bits, 32 low nibbles (x = d * (q - 16))."""
+
+    qtype = GGMLQuantizationType.Q5_0
+    type_size = 22
+
+    @classmethod
+    def _encode_ref(cls, blocks):
+        L, d = _q5_0_ref(blocks)
+        return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
+
+    @classmethod
+    def _encode_search(cls, x, w):
+        d, L = make_qx(_pos_major(x), _pos_major(w), 16, gapped=True)
+        L = ungap33(L).t().to(torch.uint8)
+        return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = fp16_from_bytes(blocks[:, 0:2])
+        q = _unpack_nibbles(blocks[:, 6:22]) | _unpack_fifth_bits(blocks[:, 2:6])
+        return d * (q.to(torch.int8) - 16).to(_F32)
+
+
+class Q5_1(_RowSigmaBlock32):
+    """24 bytes per 32 weights: fp16 d, fp16 m, 32 fifth bits, 32 low nibbles (x = d * q + m)."""
+
+    qtype = GGMLQuantizationType.Q5_1
+    type_size = 24
+    fused_search = True
+
+    @classmethod
+    def _encode_ref(cls, blocks):
+        L, d, mn = _min_max_ref(blocks, 31)
+        return torch.cat([fp16_bytes(d), fp16_bytes(mn), _fifth_bits(L), _nibbles(L)], dim=1)
+
+    @classmethod
+    def _encode_search(cls, x, w):
+        scale, the_min, L = _qkx3_search(x, w, 31)
+        return torch.cat([fp16_bytes(scale), fp16_bytes(-the_min), _fifth_bits(L), _nibbles(L)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = fp16_from_bytes(blocks[:, 0:2])
+        m = fp16_from_bytes(blocks[:, 2:4])
+        q = _unpack_nibbles(blocks[:, 8:24]) | _unpack_fifth_bits(blocks[:, 4:8])
+        return d * q.to(_F32) + m
+
+
+# --------------------------------------------------------------------------------------------
+# IQ4_NL
+# --------------------------------------------------------------------------------------------
+
+
+def _encode_iq4_nl(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """quantize_row_iq4_nl_impl(32, 32, ..., ntry=7) per block: x, qw [B, 32] -> uint8 [B, 18]."""
+    X = _pos_major(x)
+    if qw is None:
+        W = X * X  # ggml's weight without an importance matrix
+    else:
+        # sigma2 = 2*sum(x^2)/32 over the block, then w = qw*sqrt(sigma2 + x^2).
+        sigma2 = sum33(X * X) * 0.0625
+        W = _pos_major(qw) * exact_sqrt((X * X).add_(sigma2))
+    scale, _ = iq4_block_scales(X, W)
+    idv = torch.where(scale != 0, exact_div(1.0, scale), torch.zeros_like(scale))
+    L = iq4_index(x * idv.unsqueeze(1)).to(torch.uint8)
+    return torch.cat([fp16_bytes(scale), _nibbles(L)], dim=1)
+
+
+class IQ4_NL(GGMLType):
+    """18 bytes per 32 weights: fp16 d, 32 4-bit indices into kvalues_iq4nl (x = d * kvalues[q])."""
+
+    qtype = GGMLQuantizationType.IQ4_NL
+    block_size = 32
+    type_size = 18
+    uses_imatrix = True
+
+    @classmethod
+    def prepare(cls) -> None:
+        iq4.compiled_search_available()
+
+    @classmethod
+    def quantize_blocks(cls, blocks, weights=None):
+        blocks = cpu32(blocks).reshape(-1, 32)
+        weights = None if weights is None else cpu32(weights).reshape(-1, 32)
+        bucket = _iq4_bucket() if blocks.shape[0] >= iq4.bucket_blocks() // 4 else None
+        return _encode_block_chunks(blocks, weights, _encode_iq4_nl, cls.type_size, bucket)
+
+    @classmethod
+    def quantize_rows(cls, rows, imatrix=None):
+        m, k = rows.shape
+        if not cls.can_encode(k):
+            raise ValueError(f"{cls.__name__}: row length {k} is not a multiple of {cls.block_size}")
+        rows = cpu32(rows)
+        out = torch.empty((m, cls.row_bytes(k)), dtype=torch.uint8)
+        qw_row = None if imatrix is None else cpu32(imatrix).reshape(1, k)
+        for a, b in chunk_ranges(m, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k)):
+            qw = None if qw_row is None else qw_row.expand(b - a, k).reshape(-1, 32)
+            out[a:b] = cls.quantize_blocks(rows[a:b], qw).view(b - a, -1)
+        return out
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = fp16_from_bytes(blocks[:, 0:2])
+        values = torch.tensor(KVALUES_IQ4NL, dtype=_F32, device=blocks.device)
+        return d * values[_unpack_nibbles(blocks[:, 2:18]).to(torch.int64)]

@@ -1,0 +1,183 @@
+"""The IQ4 non-linear codebook and ggml's IQ4 block-scale search (IQ4_NL, IQ4_XS).
+
+ggml's `quantize_row_iq4_nl_impl` maps each weight to one of 16 fixed int8 values
+(`kvalues_iq4nl`) times a per-32-weight scale. Per block it tries the scale that maps the
+largest weight onto +127, then the 15 that map it onto -127-7 .. -127+7, keeping the
+weighted least-squares scale of the best fit. This module holds the codebook, ggml's
+`best_index_int8` and that search, on position-major gapped blocks (see `scale_search`).
+
+best_index_int8 exactly. ggml picks the nearer neighbour with the float32 test
+`x - val[mu-1] < val[mu] - x` (a tie goes up). Rounding can only turn a strict `<` into a
+tie, and only where x lies within half an ulp of the half gap h = (b-a)/2 from the midpoint
+while its own ulp is finer than h's; for this codebook every midpoint |m| is in the binade
+of h or above it, so the test is exactly `x >= (a+b)/2`. All midpoints are multiples of 1/2,
+so the index is the number of doubled midpoints <= floor(2x): one table lookup.
+
+Speed. The 16 candidate scales of a block are independent until the choice among them, so
+their sums are computed in one pass (`candidate_sums`: for each position, all candidates),
+which torch.compile turns into one loop over the blocks with the sums in registers. As for
+the K-quant kernel (`fused_kernel`), the compiled function is checked bit for bit against its
+eager self once per process and replaced by it when it differs or cannot be compiled;
+IDEOQUANT_FUSED=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from . import fused_kernel
+from .scale_search import GROUP_MAX_EPS, _adversarial_blocks, exact_div, gapped33
+
+KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# Scales tried besides the first: values[0] + itry for itry in -IQ4_NTRY..IQ4_NTRY (ggml's ntry).
+IQ4_NTRY = 7
+
+# Twice the midpoints between neighbouring codebook values (integers).
+_MIDPOINTS2 = tuple(a + b for a, b in zip(KVALUES_IQ4NL[:-1], KVALUES_IQ4NL[1:]))
+# floor(2x) is clamped to [-_LUT_HALF, _LUT_HALF - 1]; beyond the outermost midpoints anyway.
+_LUT_HALF = 256
+
+_F32 = torch.float32
+
+
+@functools.cache
+def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [512] int64, value [512] float32) by floor(2x) + 256."""
+    t = np.arange(-_LUT_HALF, _LUT_HALF)
+    index = (np.array(_MIDPOINTS2)[None, :] <= t[:, None]).sum(axis=1)
+    value = np.array(KVALUES_IQ4NL, dtype=np.float32)[index]
+    return torch.from_numpy(index).to(device), torch.from_numpy(value).to(device)
+
+
+def _lut_position(x: torch.Tensor) -> torch.Tensor:
+    """floor(2x) + 256, clamped to the table; NaN goes to the top (ggml returns 15 for NaN)."""
+    t = torch.nan_to_num(x * 2.0, nan=float(_LUT_HALF)).floor_()
+    return t.clamp_(-_LUT_HALF, _LUT_HALF - 1).add_(_LUT_HALF).to(torch.int64)
+
+
+def iq4_index(x: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8(16, kvalues_iq4nl, x) for every element: int64 levels 0..15."""
+    index, _ = _tables(str(x.device))
+    return index[_lut_position(x)]
+
+
+def iq4_value(x: torch.Tensor) -> torch.Tensor:
+    """kvalues_iq4nl[best_index_int8(x)] as float32."""
+    _, value = _tables(str(x.device))
+    return value[_lut_position(x)]
+
+
+# Rows of the gapped 33-row layout that hold data (row 16 is scratch).
+_DATA_ROWS = tuple(range(16)) + tuple(range(17, 33))
+# Blocks per compiled call and torch thread (static shapes: one kernel per thread count).
+BLOCKS_PER_THREAD = 4096
+
+
+def candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, value_lut: torch.Tensor) -> torch.Tensor:
+    """For every block and candidate: sumqx = sum of w*q*x and sumq2 = sum of w*q*q, in ggml's
+    order, with q the codebook value best_index_int8 picks for iscale*x.
+
+    x, w [33, B] gapped position-major blocks and weights; iscales [C, B]; value_lut: the
+    codebook value by floor(2*al) + 256 (`_tables`). Returns [2, C, B]. Every candidate's
+    |iscale*x| is at most 134 here, so the lookup needs no NaN or overflow handling."""
+    sumqx = sumq2 = None
+    for r in _DATA_ROWS:
+        xr = x[r]
+        al = xr * iscales
+        idx = torch.clamp(torch.floor(al * 2.0), -_LUT_HALF, _LUT_HALF - 1).to(torch.int64) + _LUT_HALF
+        q = value_lut[idx]
+        wq = w[r] * q
+        a, b = wq * xr, wq * q
+        if sumqx is None:  # ggml starts each sum from 0.0f
+            sumqx, sumq2 = a + 0.0, b + 0.0
+        else:
+            sumqx, sumq2 = sumqx + a, sumq2 + b
+    return torch.stack((sumqx, sumq2))
+
+
+def bucket_blocks(threads: int | None = None) -> int:
+    """Blocks per call of the compiled `candidate_sums` for this many torch threads."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return BLOCKS_PER_THREAD * max(1, threads)
+
+
+def _run(step: Callable[..., torch.Tensor], x, w, iscales) -> torch.Tensor:
+    # Inference mode and contiguous inputs keep the compiled graph's guards the same on every call.
+    _, value = _tables(str(x.device))
+    with torch.inference_mode():
+        return step(x.contiguous(), w.contiguous(), iscales.contiguous(), value).clone()
+
+
+@functools.cache
+def compiled_candidate_sums(blocks: int) -> Callable[..., torch.Tensor] | None:
+    """`candidate_sums` compiled for buckets of `blocks`, once it has matched the eager
+    function bit for bit on blocks that probe the edges; else None."""
+    if not fused_kernel.fused_requested():
+        return None
+    try:
+        step = torch.compile(candidate_sums, dynamic=False, fullgraph=True)
+        x, qw = _adversarial_blocks(blocks, seed=3)
+        X = gapped33(x.T.contiguous())
+        for W in (X * X, gapped33(qw.T.contiguous())):
+            iscales = _candidate_iscales(X)
+            if not torch.equal(_run(step, X, W, iscales).view(torch.int32), _run(candidate_sums, X, W, iscales).view(torch.int32)):
+                reason = "its results differ from the eager code on this machine"
+                break
+        else:
+            return step
+    except Exception as exc:  # noqa: BLE001 - compile errors surface on the first call
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    fused_kernel.log.warning("compiled IQ4 kernel not used (%s); using the eager encoder", reason)
+    return None
+
+
+def compiled_search_available() -> bool:
+    """Whether IQ4 scale searches on whole buckets run compiled here (compiles the kernel)."""
+    return compiled_candidate_sums(bucket_blocks()) is not None
+
+
+def _block_max(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(amax, max): the largest |x| of each block and its signed element (first on ties)."""
+    data = torch.cat([X[:16], X[17:33]])
+    amax, arg = data.abs().max(dim=0)
+    return amax, data.gather(0, arg.unsqueeze(0)).squeeze(0)
+
+
+def _candidate_iscales(X: torch.Tensor, ntry: int = IQ4_NTRY) -> torch.Tensor:
+    """[1 + 2*ntry + 1, B]: 1/d with d = -max/values[0], then (itry + values[0])/max."""
+    amax, xmax = _block_max(X)
+    safe_max = torch.where(amax < GROUP_MAX_EPS, torch.ones_like(xmax), xmax)
+    d0 = torch.div(-safe_max, torch.tensor(float(KVALUES_IQ4NL[0]), dtype=_F32))
+    rows = [exact_div(1.0, d0)]
+    rows += [exact_div(float(itry + KVALUES_IQ4NL[0]), safe_max) for itry in range(-ntry, ntry + 1)]
+    return torch.stack(rows)
+
+
+def iq4_block_scales(X: torch.Tensor, W: torch.Tensor, ntry: int = IQ4_NTRY, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-block scale search of quantize_row_iq4_nl_impl (ntry > 0).
+
+    X, W: [33, B] gapped position-major 32-weight blocks and their weights (row 16 is scratch
+    and must hold zeros). Returns (scale [B], max [B]): the least-squares scale `scales[ib]`
+    (0 for blocks whose largest |x| is below GROUP_MAX_EPS) and the block's signed element of
+    largest magnitude (first on ties). `compiled`: use the compiled candidate sums on buckets
+    of `bucket_blocks()` where they are available."""
+    amax, xmax = _block_max(X)
+    zero_blk = amax < GROUP_MAX_EPS
+    iscales = _candidate_iscales(X, ntry)
+    step = None
+    if compiled and ntry == IQ4_NTRY and X.shape[1] == bucket_blocks():
+        step = compiled_candidate_sums(X.shape[1])
+    sums = _run(step or candidate_sums, X, W, iscales)
+    sumqx, sumq2 = sums[0], sums[1]
+    d = sumqx[0] / sumq2[0]
+    best = d * sumqx[0]
+    for c in range(1, iscales.shape[0]):
+        take = (sumq2[c] > 0) & (sumqx[c] * sumqx[c] > best * sumq2[c])
+        d_new = sumqx[c] / sumq2[c]
+        d = torch.where(take, d_new, d)
+        best = torch.where(take, d_new * sumqx[c], best)
+    return d.masked_fill_(zero_blk, 0.0), xmax
