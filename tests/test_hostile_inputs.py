@@ -1,0 +1,338 @@
+"""Careless and hostile inputs: each gets one `error:` line, a non-zero exit, and no output.
+
+Safetensors headers are built by hand (struct + json) and every malformed one is also given
+to the `safetensors` library, which must reject it too: the reader is held to be at least
+as strict as the format's reference implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from ideoquant.errors import IdeoquantError, printable
+from ideoquant.io.input_files import parse_json
+from ideoquant.io.safetensors_reader import SafetensorsFile
+
+# A regression that blocks (a FIFO) or faults must fail the test, not hang or kill the run.
+CLI_TIMEOUT = 120
+
+
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ideoquant.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> str:
+    assert proc.returncode not in (0, None), proc.stderr
+    assert proc.returncode > 0, f"killed by signal {-proc.returncode}: {proc.stderr}"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    if out.exists():
+        leftovers = [p.name for p in out.rglob("*") if p.is_file()]
+        assert leftovers == [], leftovers
+
+
+# --- hand-built safetensors files --------------------------------------------------------
+
+def safetensors_bytes(header: object = None, data: bytes = b"", raw: bytes | None = None) -> bytes:
+    """8-byte length, the header (JSON of `header`, or `raw` bytes as given), padding, data."""
+    text = raw if raw is not None else json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def entry(dtype: str, shape: list, offsets: list) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+
+
+def library_accepts(path: Path) -> bool:
+    """Whether the safetensors library opens the file and reads every tensor."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        return True
+    except Exception:
+        return False
+
+
+ENTRY = '{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
+
+MALFORMED = {
+    "overlap": (safetensors_bytes({"a": entry("F32", [2], [0, 8]), "b": entry("F32", [2], [4, 12])}, bytes(12)),
+                "overlaps 'a'"),
+    "alias": (safetensors_bytes({"a": entry("F32", [2], [0, 8]), "b": entry("F32", [2], [0, 8])}, bytes(8)),
+              "overlaps 'a'"),
+    "gap": (safetensors_bytes({"a": entry("F32", [1], [0, 4]), "b": entry("F32", [1], [8, 12])}, bytes(12)),
+            "leaves a gap after 'a'"),
+    "not_from_zero": (safetensors_bytes({"a": entry("F32", [1], [4, 8])}, bytes(8)), "leaves a gap after the start"),
+    "trailing_bytes": (safetensors_bytes({"a": entry("F32", [1], [0, 4])}, bytes(8)), "4 bytes after the last tensor"),
+    "truncated": (safetensors_bytes({"a": entry("F32", [2], [0, 8])}, bytes(4)), "truncated file"),
+    "negative_dim": (safetensors_bytes({"a": entry("F32", [-1, -4], [0, 16])}, bytes(16)), "non-negative integers"),
+    "float_dim": (safetensors_bytes({"a": entry("F32", [2.0], [0, 8])}, bytes(8)), "non-negative integers"),
+    "bool_dim": (safetensors_bytes({"a": entry("F32", [True], [0, 4])}, bytes(4)), "non-negative integers"),
+    "duplicate_key": (safetensors_bytes(raw=f'{{"a":{ENTRY},"a":{{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}}}'.encode(),
+                                        data=bytes(12)), "duplicate key 'a'"),
+    "end_before_begin": (safetensors_bytes({"a": entry("F32", [0], [8, 0])}, bytes(8)), "byte range 8-0"),
+    "three_offsets": (safetensors_bytes({"a": entry("F32", [2], [0, 8, 8])}, bytes(8)), "two non-negative integers"),
+    "unknown_dtype": (safetensors_bytes({"a": entry("Q4", [2], [0, 8])}, bytes(8)), "dtype 'Q4'"),
+    "missing_field": (safetensors_bytes({"a": {"dtype": "F32", "shape": [2]}}, bytes(8)), "dtype, shape and data_offsets"),
+    "numel_overflow": (safetensors_bytes({"a": entry("F32", [1 << 62, 1 << 62], [0, 0])}), "does not match its shape"),
+    "header_is_a_list": (safetensors_bytes([1, 2]), "header is not a JSON object"),
+    "metadata_is_a_list": (safetensors_bytes({"__metadata__": ["x"], "a": entry("F32", [2], [0, 8])}, bytes(8)),
+                           "__metadata__ must be an object"),
+    "metadata_not_strings": (safetensors_bytes({"__metadata__": {"k": 1}, "a": entry("F32", [2], [0, 8])}, bytes(8)),
+                             "__metadata__ value for 'k'"),
+    "deep_nesting": (safetensors_bytes(raw=b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "nested deeper"),
+    "number_1e400": (safetensors_bytes(raw=b'{"a":{"dtype":"F32","shape":[1e400],"data_offsets":[0,0]}}'), "1e400 is out of range"),
+    "number_5000_digits": (safetensors_bytes(raw=b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,0]}}'),
+                           "integer of 5000 digits"),
+    "not_utf8": (safetensors_bytes(raw=b'{"\xff":1}'), "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_safetensors_rejected_like_the_library(tmp_path, case):
+    data, needle = MALFORMED[case]
+    path = tmp_path / f"{case}.safetensors"
+    path.write_bytes(data)
+    assert not library_accepts(path), "the safetensors library accepts this file: the case is not malformed"
+    with pytest.raises(IdeoquantError, match=None) as err:
+        SafetensorsFile(path)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_identical_duplicate_keys_refused_although_the_library_keeps_one(tmp_path):
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(safetensors_bytes(raw=f'{{"a":{ENTRY},"a":{ENTRY}}}'.encode(), data=bytes(8)))
+    assert library_accepts(path)  # the library keeps the last of two identical entries
+    with pytest.raises(IdeoquantError, match="duplicate key 'a'"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize(
+    "header, data",
+    [
+        ({"a": entry("F32", [2], [0, 8]), "b": entry("BF16", [3], [8, 14])}, bytes(range(14))),
+        ({"__metadata__": {"format": "pt"}, "a": entry("U8", [2, 2], [0, 4])}, b"\x01\x02\x03\x04"),
+        ({"__metadata__": None, "z": entry("F32", [0], [0, 0]), "y": entry("F32", [0], [0, 0]), "x": entry("I8", [], [0, 1])}, b"\x05"),
+        ({"a": {**entry("F16", [1], [0, 2]), "note": "extra fields are allowed"}}, b"\x00\x3c"),
+        ({}, b""),
+    ],
+)
+def test_well_formed_files_read_the_same_as_the_library(tmp_path, header, data):
+    path = tmp_path / "ok.safetensors"
+    path.write_bytes(safetensors_bytes(header, data))
+    st = SafetensorsFile(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(st.tensors) == sorted(f.keys())
+        for name in f.keys():
+            ours, theirs = st.read(name), f.get_tensor(name)
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+            assert ours.view(-1).view(__import__("torch").uint8).tolist() == theirs.view(-1).view(__import__("torch").uint8).tolist()
+
+
+@pytest.mark.parametrize("case, needle", [("deep_nesting", "nested deeper"), ("number_1e400", "out of range"),
+                                          ("number_5000_digits", "5000 digits"), ("metadata_is_a_list", "__metadata__"),
+                                          ("alias", "overlaps")])
+def test_cli_inspect_and_convert_malformed_headers(tmp_path, case, needle):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(MALFORMED[case][0])
+    assert_one_line_error(run_cli("inspect", str(path)), needle)
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("convert", str(path), "--format", "q8_0", "--out", str(out)), needle)
+    assert_nothing_written(out)
+
+
+# --- JSON ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[" * 50_000 + "]" * 50_000, "nested deeper"),
+        ('{"num_layers": 1e400}', "out of range"),
+        ('{"num_layers": -1e400}', "out of range"),
+        ('{"num_layers": ' + "7" * 5000 + "}", "5000 digits"),
+        ('{"num_layers": NaN}', "NaN is not valid JSON"),
+        ('{"num_layers": Infinity}', "Infinity is not valid JSON"),
+        ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+        ('{"a": 1', "not valid JSON"),
+    ],
+)
+def test_strict_json(text, needle):
+    with pytest.raises(IdeoquantError) as err:
+        parse_json(text, "config.json")
+    assert needle in str(err.value) and str(err.value).startswith("config.json: ")
+
+
+def test_strict_json_keeps_ordinary_values():
+    text = '{"a": [1, -2, 3.5, 1e308, "x[{\\"", null, true], "b": {"c": {}}, "n": 18446744073709551615}'
+    assert parse_json(text, "x") == json.loads(text)
+
+
+# --- names with control characters --------------------------------------------------------
+
+def test_printable_escapes_line_breaks_and_terminal_controls():
+    assert printable("a\nerror: forged\r\x1b[2J\u2028\u202e\x85") == "a\\nerror: forged\\r\\x1b[2J\\u2028\\u202e\\x85"
+    assert printable("layers.0.attention.qkv.weight é") == "layers.0.attention.qkv.weight é"
+
+
+def test_control_characters_in_tensor_names_are_escaped(tmp_path):
+    name = "evil\nerror: forged line\x1b[31m"
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(safetensors_bytes({name: entry("F32", [1], [0, 4]), "b": entry("F32", [1], [0, 4])}, bytes(4)))
+    line = assert_one_line_error(run_cli("inspect", str(path)), "overlaps")
+    assert "evil\\nerror: forged line\\x1b[31m" in line
+    assert "forged" not in "".join(l for l in run_cli("inspect", str(path)).stderr.splitlines() if not l.startswith("error:"))
+    # A readable file with such a name: the table escapes it too.
+    path.write_bytes(safetensors_bytes({name: entry("F32", [1], [0, 4])}, bytes(4)))
+    proc = run_cli("inspect", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "evil\\nerror: forged line\\x1b[31m" in proc.stdout
+    assert not any(l.startswith("error:") for l in proc.stdout.splitlines())
+    assert "\x1b" not in proc.stdout
+
+
+# --- special files and files that change -------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_as_source_file_is_refused_without_blocking(tmp_path):
+    folder = tmp_path / "branch"
+    folder.mkdir()
+    os.mkfifo(folder / "diffusion_pytorch_model.safetensors")
+    out = tmp_path / "out"
+    proc = run_cli("convert", str(folder), "--format", "q8_0", "--out", str(out), timeout=60)
+    assert_one_line_error(proc, "a FIFO, not a regular file")
+    assert_nothing_written(out)
+    proc = run_cli("inspect", str(folder / "diffusion_pytorch_model.safetensors"), timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_as_json_file_is_refused_without_blocking(tmp_path):
+    from ideoquant.io.input_files import load_json
+
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(IdeoquantError, match="a FIFO, not a regular file"):
+        load_json(tmp_path / "config.json")
+
+
+def test_source_truncated_after_opening_is_one_line_not_sigbus(tmp_path, tiny_fp8):
+    """Open the source, truncate a file under it, then read: a one-line error, no SIGBUS.
+    Run in a child process so a fault fails this test instead of killing the test run."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_fp8, src)
+    script = textwrap.dedent(f"""
+        import os, sys
+        from ideoquant.errors import IdeoquantError
+        from ideoquant.io.source import open_source
+        source = open_source({str(src)!r})
+        bs = source.branches["transformer"]
+        path = bs.files[0].path
+        os.truncate(path, os.path.getsize(path) // 2)
+        try:
+            for name in bs.specs:
+                bs.read_float32(name)
+        except IdeoquantError as e:
+            print("error:", e)
+            sys.exit(1)
+        sys.exit(0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "changed since it was opened" in proc.stdout
+
+
+def test_file_shrinking_during_a_read_is_one_line(tmp_path, monkeypatch):
+    """The size is checked before reading, and a short read (the file shrank in between) is
+    an error too: simulated by truncating the file from inside the read loop."""
+    import ideoquant.io.safetensors_reader as reader
+
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(safetensors_bytes({"a": entry("F32", [64], [0, 256])}, bytes(256)))
+    st = SafetensorsFile(path)
+    monkeypatch.setattr(reader, "READ_CHUNK", 16)
+
+    def identity_then_truncate(s):
+        # The check in read() passes (the file is as it was opened), then the file is cut.
+        os.truncate(path, 100)
+        return st._identity
+
+    monkeypatch.setattr(reader, "_identity", identity_then_truncate)
+    with pytest.raises(IdeoquantError, match="file shrank while tensor 'a' was read"):
+        st.read("a")
+
+
+# --- compare --images ----------------------------------------------------------------------
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature, an IHDR claiming width x height RGB, one tiny IDAT and IEND."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width, height, needle", [
+    (100_000, 100_000, "image header claims more pixels"),  # past Pillow's own bomb limit
+    (9000, 9000, "9000x9000 pixels is more than"),  # 81 megapixels: under Pillow's limit, over ours
+])
+def test_compare_images_refuses_oversized_images_before_decoding(tmp_path, width, height, needle):
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "img.png").write_bytes(png_header_only(width, height))
+    proc = run_cli("compare", "--images", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert_one_line_error(proc, needle)
+
+
+def direct_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM straight from the definition, one window position at a time (slow, small images)."""
+    r = np.arange(-5, 6)
+    g = np.exp(-(r**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    vals = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            px = x[i : i + 11, j : j + 11].astype(np.float64)
+            py = y[i : i + 11, j : j + 11].astype(np.float64)
+            mx, my = (w * px).sum(), (w * py).sum()
+            vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+            cov = (w * (px - mx) * (py - my)).sum()
+            vals.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_banded_psnr_and_ssim_match_the_definition(monkeypatch):
+    """With bands of a few rows (as a large image gets), the metrics still match the
+    definitions computed over the whole image at once."""
+    import ideoquant.export.compare as compare
+
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    b = np.clip(a.astype(np.int32) + rng.integers(-40, 41, a.shape), 0, 255).astype(np.uint8)
+    expected_psnr = 10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2))
+    expected_ssim = np.mean([direct_ssim(a[:, :, c], b[:, :, c]) for c in range(3)])
+    monkeypatch.setattr(compare, "_BAND_PIXELS", 29 * 3 * 4)  # 4 rows per band: many bands, a ragged last one
+    assert compare.psnr(a, b) == pytest.approx(expected_psnr, abs=1e-9)
+    assert compare.ssim(a, b) == pytest.approx(expected_ssim, abs=1e-9)
