@@ -336,3 +336,18 @@ def test_banded_psnr_and_ssim_match_the_definition(monkeypatch):
     monkeypatch.setattr(compare, "_BAND_PIXELS", 29 * 3 * 4)  # 4 rows per band: many bands, a ragged last one
     assert compare.psnr(a, b) == pytest.approx(expected_psnr, abs=1e-9)
     assert compare.ssim(a, b) == pytest.approx(expected_ssim, abs=1e-9)
+
+
+def test_control_characters_in_paths_and_warnings_are_escaped(tmp_path, edit_source):
+    """Messages that quote a path or a tensor name raw are escaped on their way out: the
+    error line and warnings alike."""
+    proc = run_cli("convert", str(tmp_path / "missing\nerror: forged"), "--format", "q8_0", "--out", str(tmp_path / "o"))
+    line = assert_one_line_error(proc, "no such file or folder")
+    assert "missing\\nerror: forged" in line
+    import torch
+
+    src = edit_source(lambda t: {**t, "extra\nerror: forged\rwarning": torch.zeros(2)})
+    proc = run_cli("inspect", str(src), "--plan", "q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert "extra\\nerror: forged\\rwarning" in proc.stderr
+    assert not any(l.startswith("error:") for l in proc.stderr.splitlines()), proc.stderr
