@@ -351,3 +351,80 @@ def test_control_characters_in_paths_and_warnings_are_escaped(tmp_path, edit_sou
     assert proc.returncode == 0, proc.stderr
     assert "extra\\nerror: forged\\rwarning" in proc.stderr
     assert not any(l.startswith("error:") for l in proc.stderr.splitlines()), proc.stderr
+
+
+# --- statistics and prompt files ----------------------------------------------------------
+
+def stats_file(tmp_path: Path, meta: object) -> Path:
+    path = tmp_path / "stats.safetensors"
+    header = {"__metadata__": {"ideoquant.calibration": meta if isinstance(meta, str) else json.dumps(meta)},
+              "transformer/layers.0.attention.qkv/count": entry("I64", [1], [0, 8])}
+    path.write_bytes(safetensors_bytes(header, struct.pack("<q", 3)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "meta, needle",
+    [
+        ({"format": "ideoquant-calibration", "version": "1"}, "version must be an integer, not a string"),
+        ({"format": "ideoquant-calibration", "version": None}, "version must be an integer, not null"),
+        ({"format": "ideoquant-calibration", "version": 1, "checksums": ["x"]}, "checksums must be an object"),
+        ({"format": "ideoquant-calibration", "version": 1, "max_samples": 0}, "max_samples must be at least 1"),
+        ({"format": "ideoquant-calibration", "version": 1, "branches": [1]}, "branches entry must be a string"),
+        ('{"format": "ideoquant-calibration", "version": ' + "1" * 5000 + "}", "integer of 5000 digits"),
+        ('{"format": ' + "[" * 10_000 + "]" * 10_000 + "}", "nested deeper"),
+        (["ideoquant-calibration"], "not an ideoquant calibration statistics file"),
+    ],
+)
+def test_statistics_metadata_fields_are_type_checked(tmp_path, meta, needle):
+    from ideoquant.calibrate.statistics import load_importance, load_statistics
+
+    path = stats_file(tmp_path, meta)
+    for read in (lambda: load_statistics(path), lambda: load_importance(path, "layers.0.attention.qkv")):
+        with pytest.raises(IdeoquantError) as err:
+            read()
+        assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_statistics_count_of_the_wrong_shape(tmp_path):
+    from ideoquant.calibrate.statistics import load_importance
+
+    path = tmp_path / "stats.safetensors"
+    meta = json.dumps({"format": "ideoquant-calibration", "version": 1})
+    header = {"__metadata__": {"ideoquant.calibration": meta},
+              "transformer/layers.0.attention.qkv/count": entry("I64", [0], [0, 0]),
+              "transformer/layers.0.attention.qkv/sumsq": entry("F64", [1], [0, 8])}
+    path.write_bytes(safetensors_bytes(header, bytes(8)))
+    with pytest.raises(IdeoquantError, match="count must hold one number"):
+        load_importance(path, "layers.0.attention.qkv")
+
+
+def test_imatrix_statistics_with_a_malformed_header_is_one_line(tmp_path, tiny_fp8):
+    stats = tmp_path / "stats.safetensors"
+    stats.write_bytes(MALFORMED["overlap"][0])
+    out = tmp_path / "out"
+    proc = run_cli("convert", str(tiny_fp8), "--format", "q4_k", "--imatrix", str(stats), "--out", str(out))
+    assert_one_line_error(proc, "overlaps 'a'")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"id": "a", "prompt": "x", "seed": ' + "9" * 5000 + "}", "a number too long"),
+])
+def test_prompt_file_hostile_json(tmp_path, line, needle):
+    from ideoquant.calibrate.prompts import load_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(IdeoquantError, match=needle):
+        load_prompts(path, require_caption=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_prompt_file_fifo_is_refused(tmp_path):
+    from ideoquant.calibrate.prompts import load_prompts
+
+    os.mkfifo(tmp_path / "p.jsonl")
+    with pytest.raises(IdeoquantError, match="a FIFO, not a regular file"):
+        load_prompts(tmp_path / "p.jsonl")
