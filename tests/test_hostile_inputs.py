@@ -428,3 +428,120 @@ def test_prompt_file_fifo_is_refused(tmp_path):
     os.mkfifo(tmp_path / "p.jsonl")
     with pytest.raises(IdeoquantError, match="a FIFO, not a regular file"):
         load_prompts(tmp_path / "p.jsonl")
+
+
+# --- checkpoint JSON files: index and config ----------------------------------------------
+
+@pytest.mark.parametrize("index, needle", [
+    ({"weight_map": ["a.safetensors"]}, "weight_map must be an object, not a list"),
+    ({"weight_map": {"x": 3}}, "weight_map['x'] must be a string, not an integer"),
+    ({"weight_map": {"x": None}}, "must be a string, not null"),
+    ({"weight_map": {"x": "../outside.safetensors"}}, "is not a file name inside"),
+    ({"weight_map": {"x": "/etc/passwd"}}, "is not a file name inside"),
+    ({"weight_map": {"x": "sub/../../x.safetensors"}}, "is not a file name inside"),
+    ({"weight_map": {"x": ""}}, "is not a file name inside"),
+    ({"metadata": {}}, "no weight_map"),
+    ([{"weight_map": {}}], "the index must be an object, not a list"),
+])
+def test_weight_map_fields_and_paths(tmp_path, index, needle):
+    from ideoquant.io.input_files import read_weight_map
+
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    with pytest.raises(IdeoquantError) as err:
+        read_weight_map(path)
+    assert needle in str(err.value)
+
+
+def test_weight_map_keeps_relative_shard_names(tmp_path):
+    from ideoquant.io.input_files import read_weight_map
+
+    path = tmp_path / "model.safetensors.index.json"
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "shards/model-00002-of-00002.safetensors"}
+    path.write_text(json.dumps({"metadata": {"total_size": 8}, "weight_map": weight_map}))
+    assert read_weight_map(path) == weight_map
+
+
+@pytest.mark.parametrize("config, needle", [
+    ('{"num_layers": "34"}', "num_layers must be an integer, not a string"),
+    ('{"num_layers": null}', "num_layers must be an integer, not null"),
+    ('{"num_layers": true}', "num_layers must be an integer, not true or false"),
+    ('{"num_layers": 0}', "num_layers must be at least 1"),
+    ('{"num_layers": 34.5}', "num_layers must be an integer, not a number"),
+    ('{"num_layers": 1e400}', "out of range"),
+    ('{"num_layers": ' + "3" * 5000 + "}", "5000 digits"),
+    ('[1, 2]', "the file must be an object, not a list"),
+    ('"transformer"', "the file must be an object, not a string"),
+    ('{"rope_theta": "big"}', "rope_theta must be a number, not a string"),
+    ('{"mrope_section": 3}', "mrope_section must be a list, not an integer"),
+    ('{"mrope_section": [1, "2"]}', "mrope_section entry must be an integer"),
+    ('{"quantization_config": []}', "quantization_config must be an object, not a list"),
+])
+def test_model_config_fields_are_type_checked(tmp_path, config, needle):
+    from ideoquant.io.input_files import read_model_config
+    from ideoquant.model.inventory import CONFIG_KEYS
+
+    path = tmp_path / "config.json"
+    path.write_text(config)
+    with pytest.raises(IdeoquantError) as err:
+        read_model_config(path, tuple(CONFIG_KEYS) + ("num_attention_heads",))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+# --- quantization reports ------------------------------------------------------------------
+
+def good_report() -> dict:
+    return {
+        "format": "q8_0", "family": "gguf", "source": {"name": "src", "base_model": None},
+        "branches": {"transformer": {
+            "files": [{"path": "ideogram4-Q8_0.gguf", "size": 10, "sha256": "0" * 64}],
+            "tensors": [{"name": "input_proj.weight", "shape": [8, 4], "out_type": "Q8_0", "nbytes": 34, "rel_error": 0.01}],
+            "source_checksum": "ab", "recipe": {"alphas": {}},
+        }},
+        "files": [{"path": "LICENSE", "size": 3, "sha256": "1" * 64}],
+    }
+
+
+def _edit(path: str, value):
+    def apply(report):
+        *keys, last = path
+        target = report
+        for k in keys:
+            target = target[k]
+        if value is KeyError:
+            del target[last]
+        else:
+            target[last] = value
+        return report
+    return apply
+
+
+T = ("branches", "transformer")
+REPORT_CASES = {
+    "branches a list": (_edit(("branches",), []), "branches must be an object, not a list"),
+    "unknown branch": (lambda r: {**r, "branches": {"../x": r["branches"]["transformer"]}}, "unknown branch '../x'"),
+    "files a dict": (_edit(T + ("files",), {}), "branches.transformer.files must be a list"),
+    "path outside": (_edit(T + ("files", 0, "path"), "../../etc/passwd"), "is not a file name inside"),
+    "path absolute": (_edit(("files", 0, "path"), "/etc/passwd"), "is not a file name inside"),
+    "size a string": (_edit(T + ("files", 0, "size"), "10"), "files[0].size must be an integer, not a string"),
+    "size negative": (_edit(T + ("files", 0, "size"), -1), "files[0].size must be at least 0"),
+    "no sha256": (_edit(T + ("files", 0, "sha256"), KeyError), "files[0] has no sha256"),
+    "shape null": (_edit(T + ("tensors", 0, "shape"), None), "tensors[0].shape must be a list, not null"),
+    "dim a string": (_edit(T + ("tensors", 0, "shape", 1), "4"), "tensors[0].shape[1] must be an integer"),
+    "rel_error a string": (_edit(T + ("tensors", 0, "rel_error"), "0.1"), "tensors[0].rel_error must be a number"),
+    "tensor a list": (_edit(T + ("tensors", 0), [1]), "tensors[0] must be an object"),
+    "format a number": (_edit(("format",), 8), "format must be a string"),
+    "recipe a list": (_edit(T + ("recipe",), []), "recipe must be an object"),
+    "source a list": (_edit(("source",), []), "source must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORT_CASES))
+def test_report_fields_are_type_checked(tmp_path, case):
+    from ideoquant.export.report_schema import check_report
+
+    assert check_report(good_report(), tmp_path, "r.json")
+    edit, needle = REPORT_CASES[case]
+    with pytest.raises(IdeoquantError) as err:
+        check_report(edit(good_report()), tmp_path, "r.json")
+    assert needle in str(err.value) and str(err.value).startswith("r.json: ")

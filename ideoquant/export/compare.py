@@ -45,6 +45,7 @@ Nothing here depends on the CLI; errors meant for the user are raised as
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from ideoquant.errors import IdeoquantError, printable
+from ideoquant.io.input_files import open_regular
 
 __all__ = [
     "DESCRIPTIVE_COLUMNS",
@@ -135,10 +137,8 @@ def load_scores(csv_path: str | Path) -> dict[str, dict[str, float]]:
     with the wrong number of fields, or a duplicate key.
     """
     path = Path(csv_path)
-    try:
-        handle = path.open(newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise IdeoquantError(f"{path}: cannot read score file ({exc.strerror or exc})") from None
+    # A regular file only: a FIFO given as A or B would block the comparison forever.
+    handle = io.TextIOWrapper(open_regular(path, "score file"), newline="", encoding="utf-8-sig")
     with handle:
         reader = csv.reader(handle)
         try:
@@ -542,7 +542,9 @@ def _read_rgb(path: Path) -> np.ndarray:
                     raise IdeoquantError(
                         f"{where}: {width}x{height} pixels is more than the {MAX_IMAGE_PIXELS:,} this comparison reads"
                     )
-                return np.asarray(image.convert("RGB"), dtype=np.uint8)
+                # An RGB file is used as decoded (no converted copy): one image's worth of memory less.
+                rgb = image if image.mode == "RGB" else image.convert("RGB")
+                return np.asarray(rgb, dtype=np.uint8)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise IdeoquantError(f"{where}: image header claims more pixels than this comparison reads "
                              f"({MAX_IMAGE_PIXELS:,}); not decoded") from None

@@ -40,7 +40,7 @@ def _special_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path, what: str = "") -> BinaryIO:
     """`path` opened for binary reading, refused (one line) unless it is a regular file.
 
     The open is non-blocking, so a FIFO cannot hang it, and the check is made on the opened
@@ -48,7 +48,7 @@ def open_regular(path: Path) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise IdeoquantError(f"{show(path)}: cannot read ({e.strerror})") from None
+        raise IdeoquantError(f"{show(path)}: cannot read {what + ' ' if what else ''}({e.strerror})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -201,3 +201,42 @@ def confined(root: Path, name: str, where: str) -> Path:
     if not name or rel.is_absolute() or ".." in rel.parts or "\\" in name or "\x00" in name:
         raise IdeoquantError(f"{where}: {printable(repr(name))} is not a file name inside {show(root)}")
     return root / rel
+
+
+# --- the JSON files of a checkpoint folder -------------------------------------------------
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """A `*.safetensors.index.json`'s weight_map {tensor: shard file}, every shard name a
+    relative path inside the index's folder (no `..`, no absolute path)."""
+    where = show(index)
+    data = json_object(load_json(index, "safetensors index"), f"{where}: the index")
+    if "weight_map" not in data:
+        raise IdeoquantError(f"{where}: malformed safetensors index (no weight_map)")
+    weight_map = json_object(data["weight_map"], f"{where}: weight_map")
+    for tensor, shard in weight_map.items():
+        json_str(shard, f"{where}: weight_map[{printable(repr(tensor))}]")
+        confined(index.parent, shard, f"{where}: weight_map[{printable(repr(tensor))}]")
+    return weight_map
+
+
+# config.json fields read as model widths (positive integers) and their other typed fields.
+_CONFIG_NUMBERS = ("rope_theta", "norm_eps")
+
+
+def read_model_config(path: Path, int_keys: tuple[str, ...]) -> dict:
+    """A branch `config.json`: a JSON object whose width fields (`int_keys`), rotary settings
+    and quantization_config, where present, have the types the readers expect."""
+    where = show(path)
+    config = json_object(load_json(path, "config.json"), f"{where}: the file")
+    for key in int_keys:
+        if key in config:
+            json_int(config[key], f"{where}: {key}", minimum=1)
+    for key in _CONFIG_NUMBERS:
+        if key in config:
+            json_number(config[key], f"{where}: {key}")
+    if "mrope_section" in config:
+        for item in json_list(config["mrope_section"], f"{where}: mrope_section"):
+            json_int(item, f"{where}: mrope_section entry", minimum=0)
+    if "quantization_config" in config:
+        json_object(config["quantization_config"], f"{where}: quantization_config")
+    return config
