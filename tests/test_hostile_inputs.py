@@ -436,30 +436,31 @@ def test_prompt_file_fifo_is_refused(tmp_path):
     ({"weight_map": ["a.safetensors"]}, "weight_map must be an object, not a list"),
     ({"weight_map": {"x": 3}}, "weight_map['x'] must be a string, not an integer"),
     ({"weight_map": {"x": None}}, "must be a string, not null"),
-    ({"weight_map": {"x": "../outside.safetensors"}}, "is not a file name inside"),
-    ({"weight_map": {"x": "/etc/passwd"}}, "is not a file name inside"),
-    ({"weight_map": {"x": "sub/../../x.safetensors"}}, "is not a file name inside"),
-    ({"weight_map": {"x": ""}}, "is not a file name inside"),
+    ({"weight_map": {"x": "../outside.safetensors"}}, "shard name '../outside.safetensors' points outside its folder"),
+    ({"weight_map": {"x": "/etc/passwd"}}, "points outside its folder"),
+    ({"weight_map": {"x": "sub/../../x.safetensors"}}, "points outside its folder"),
+    ({"weight_map": {"x": ""}}, "points outside its folder"),
+    ({"weight_map": {"x": ".."}}, "points outside its folder"),
     ({"metadata": {}}, "no weight_map"),
     ([{"weight_map": {}}], "the index must be an object, not a list"),
 ])
 def test_weight_map_fields_and_paths(tmp_path, index, needle):
-    from ideoquant.io.input_files import read_weight_map
+    from ideoquant.io.tensor_folder import read_index
 
     path = tmp_path / "model.safetensors.index.json"
     path.write_text(json.dumps(index))
     with pytest.raises(IdeoquantError) as err:
-        read_weight_map(path)
+        read_index(path)
     assert needle in str(err.value)
 
 
-def test_weight_map_keeps_relative_shard_names(tmp_path):
-    from ideoquant.io.input_files import read_weight_map
+def test_weight_map_of_shards_beside_the_index(tmp_path):
+    from ideoquant.io.tensor_folder import read_index
 
     path = tmp_path / "model.safetensors.index.json"
-    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "shards/model-00002-of-00002.safetensors"}
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
     path.write_text(json.dumps({"metadata": {"total_size": 8}, "weight_map": weight_map}))
-    assert read_weight_map(path) == weight_map
+    assert read_index(path) == weight_map
 
 
 @pytest.mark.parametrize("config, needle", [
@@ -470,6 +471,7 @@ def test_weight_map_keeps_relative_shard_names(tmp_path):
     ('{"num_layers": 34.5}', "num_layers must be an integer, not a number"),
     ('{"num_layers": 1e400}', "out of range"),
     ('{"num_layers": ' + "3" * 5000 + "}", "5000 digits"),
+    ('{"num_attention_heads": "18"}', "num_attention_heads must be an integer"),
     ('[1, 2]', "the file must be an object, not a list"),
     ('"transformer"', "the file must be an object, not a string"),
     ('{"rope_theta": "big"}', "rope_theta must be a number, not a string"),
@@ -478,13 +480,11 @@ def test_weight_map_keeps_relative_shard_names(tmp_path):
     ('{"quantization_config": []}', "quantization_config must be an object, not a list"),
 ])
 def test_model_config_fields_are_type_checked(tmp_path, config, needle):
-    from ideoquant.io.input_files import read_model_config
-    from ideoquant.model.inventory import CONFIG_KEYS
+    from ideoquant.io.tensor_folder import read_config
 
-    path = tmp_path / "config.json"
-    path.write_text(config)
+    (tmp_path / "config.json").write_text(config)
     with pytest.raises(IdeoquantError) as err:
-        read_model_config(path, tuple(CONFIG_KEYS) + ("num_attention_heads",))
+        read_config(tmp_path)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
@@ -545,3 +545,152 @@ def test_report_fields_are_type_checked(tmp_path, case):
     with pytest.raises(IdeoquantError) as err:
         check_report(edit(good_report()), tmp_path, "r.json")
     assert needle in str(err.value) and str(err.value).startswith("r.json: ")
+
+
+# --- which branch a lone file holds ----------------------------------------------------------
+
+def test_lone_unconditional_file_is_read_as_the_unconditional_branch(tmp_path, tiny_fp8):
+    """A file under `unconditional_transformer/` is that branch, whatever the file is called."""
+    from ideoquant.io.source import open_source
+
+    src = tiny_fp8 / "unconditional_transformer" / "diffusion_pytorch_model.safetensors"
+    assert list(open_source(src).branches) == ["unconditional_transformer"]
+    out = tmp_path / "out"
+    proc = run_cli("convert", str(src), "--format", "q8_0", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert list(report["branches"]) == ["unconditional_transformer"]
+    ggufs = [p.name for p in out.glob("*.gguf")]
+    assert len(ggufs) == 1 and "uncond" in ggufs[0].lower(), ggufs
+
+
+def test_branch_from_config_name_or_path(tmp_path, tiny_fp8):
+    from ideoquant.io.source import open_source
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(tiny_fp8 / "unconditional_transformer" / "diffusion_pytorch_model.safetensors", folder / "model.safetensors")
+    config = json.loads((tiny_fp8 / "unconditional_transformer" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": "ideogram-4/unconditional_transformer"}))
+    assert list(open_source(folder).branches) == ["unconditional_transformer"]
+    assert list(open_source(folder / "model.safetensors").branches) == ["unconditional_transformer"]
+
+
+def test_file_name_alone_does_not_pick_the_branch(tmp_path, tiny_fp8):
+    from ideoquant.io.source import open_source
+
+    lone = tmp_path / "ideogram4_uncond_fp8.safetensors"
+    shutil.copy(tiny_fp8 / "unconditional_transformer" / "diffusion_pytorch_model.safetensors", lone)
+    out = tmp_path / "out"
+    proc = run_cli("convert", str(lone), "--format", "q8_0", "--out", str(out))
+    assert_one_line_error(proc, "pass --branches uncond or --branches cond")
+    assert_nothing_written(out)
+    assert list(open_source(lone, "uncond").branches) == ["unconditional_transformer"]
+    assert list(open_source(lone, "cond").branches) == ["transformer"]
+    # A name that says nothing: the conditional branch, as before.
+    plain = tmp_path / "ideogram4.safetensors"
+    shutil.copy(lone, plain)
+    assert list(open_source(plain).branches) == ["transformer"]
+
+
+# --- config.json and index through the CLI -------------------------------------------------
+
+def _branch_copy(tmp_path: Path, tiny_fp8: Path) -> Path:
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny_fp8 / "transformer", folder)
+    return folder
+
+
+@pytest.mark.parametrize("config, needle", [
+    (lambda c: {**c, "num_layers": "2"}, "num_layers must be an integer, not a string"),
+    (lambda c: {**c, "num_layers": None}, "num_layers must be an integer, not null"),
+    (lambda c: [c], "must be an object, not a list"),
+])
+def test_cli_malformed_config(tmp_path, tiny_fp8, config, needle):
+    folder = _branch_copy(tmp_path, tiny_fp8)
+    path = folder / "config.json"
+    path.write_text(json.dumps(config(json.loads(path.read_text()))))
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("convert", str(folder), "--format", "q8_0", "--out", str(out)), needle)
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("weight_map, needle", [
+    (["diffusion_pytorch_model.safetensors"], "weight_map must be an object, not a list"),
+    ({"input_proj.weight": 7}, "must be a string, not an integer"),
+    ({"input_proj.weight": "../outside/diffusion_pytorch_model.safetensors"}, "points outside its folder"),
+    ({"input_proj.weight": "OUTSIDE"}, "points outside its folder"),  # an absolute path, filled in below
+])
+def test_cli_malformed_or_escaping_index(tmp_path, tiny_fp8, weight_map, needle):
+    folder = _branch_copy(tmp_path, tiny_fp8)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(folder / "diffusion_pytorch_model.safetensors", outside / "diffusion_pytorch_model.safetensors")
+    if weight_map == {"input_proj.weight": "OUTSIDE"}:
+        weight_map = {"input_proj.weight": str(outside / "diffusion_pytorch_model.safetensors")}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("convert", str(folder), "--format", "q8_0", "--out", str(out)), needle)
+    assert_nothing_written(out)
+
+
+# --- verify on a tampered folder -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted_q8(tmp_path_factory, tiny_fp8) -> Path:
+    out = tmp_path_factory.mktemp("verify") / "q8"
+    proc = run_cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--branches", "cond", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _tampered(tmp_path: Path, converted: Path, edit) -> Path:
+    folder = tmp_path / "copy"
+    shutil.copytree(converted, folder, symlinks=True)
+    path = folder / "quantization_report.json"
+    report = json.loads(path.read_text())
+    result = edit(report, folder)
+    path.write_text(result if isinstance(result, str) else json.dumps(result))
+    return folder
+
+
+def _set_first_file_path(value):
+    def edit(report, folder):
+        report["branches"]["transformer"]["files"][0]["path"] = value
+        return report
+    return edit
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r, f: "[" * 100_000 + "]" * 100_000, "nested deeper"),
+    (lambda r, f: [r], "must be an object, not a list"),
+    (lambda r, f: {**r, "branches": []}, "branches must be an object, not a list"),
+    (lambda r, f: {**r, "branches": {"../../x": r["branches"]["transformer"]}}, "unknown branch '../../x'"),
+    (lambda r, f: {**r, "branches": {"transformer": {**r["branches"]["transformer"], "tensors": 3}}},
+     "branches.transformer.tensors must be a list, not an integer"),
+    (_set_first_file_path("../../etc/passwd"), "is not a file name inside"),
+    (_set_first_file_path("/etc/passwd"), "is not a file name inside"),
+    (lambda r, f: json.dumps(r).replace('"size": ', '"size": 1e400, "x": ', 1), "out of range"),
+])
+def test_verify_malformed_report(tmp_path, converted_q8, edit, needle):
+    folder = _tampered(tmp_path, converted_q8, edit)
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    assert_one_line_error(run_cli("verify", str(folder)), needle)
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # nothing recorded
+
+
+def test_verify_refuses_a_listed_file_that_links_outside(tmp_path, converted_q8):
+    folder = tmp_path / "copy"
+    shutil.copytree(converted_q8, folder)
+    gguf = next(folder.glob("*.gguf"))
+    outside = tmp_path / "elsewhere.gguf"
+    shutil.move(gguf, outside)
+    gguf.symlink_to(outside)  # same bytes, same sha256: only the place is wrong
+    assert_one_line_error(run_cli("verify", str(folder)), "leads outside")
+
+
+def test_verify_still_passes_an_untampered_folder(converted_q8, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(converted_q8, folder)
+    proc = run_cli("verify", str(folder))
+    assert proc.returncode == 0, proc.stderr
