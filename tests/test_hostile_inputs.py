@@ -696,3 +696,19 @@ def test_verify_still_passes_an_untampered_folder(converted_q8, tmp_path):
     shutil.copytree(converted_q8, folder)
     proc = run_cli("verify", str(folder))
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("meta, needle", [
+    ("[" * 100_000 + "]" * 100_000, "unreadable quant state"),
+    ('{"shape": [' + "9" * 5000 + "]}", "unreadable quant state"),
+    ("[1]", "not a JSON object"),
+    ('{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": ["4", 8]}', "non-negative integers"),
+])
+def test_nf4_quant_state_json_is_checked(meta, needle):
+    import torch
+
+    from ideoquant.codecs.nf4 import parse_nf4_serialized
+
+    state = torch.tensor(list(meta.encode()), dtype=torch.uint8)
+    with pytest.raises(IdeoquantError, match=needle):
+        parse_nf4_serialized({"x.weight.quant_state.bitsandbytes__nf4": state}, "x")
