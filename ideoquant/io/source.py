@@ -31,7 +31,7 @@ from ..model.inventory import (
     to_canonical_name,
     to_layout_names,
 )
-from .input_files import show
+from .input_files import open_regular, show
 from .safetensors_reader import SafetensorsFile, StoredTensor
 from .tensor_folder import TensorFolder, find_safetensors, read_config
 
@@ -161,7 +161,7 @@ class BranchSource:
             if not self._checksum:
                 h = hashlib.sha256()
                 for f in self.files:
-                    with open(f.path, "rb") as fh:
+                    with open_regular(f.path) as fh:
                         while chunk := fh.read(16 << 20):
                             h.update(chunk)
                 self._checksum = h.hexdigest()
