@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import IdeoquantError
+from .errors import IdeoquantError, printable
 from .recipes.formats import ALL_FORMATS, DEFAULT_LAYOUT, LAYOUTS
 
 log = logging.getLogger("ideoquant")
@@ -18,7 +18,7 @@ log = logging.getLogger("ideoquant")
 
 class _OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        return f"{record.levelname.lower()}: {printable(record.getMessage())}"
 
 
 def _setup_logging(quiet: bool = False) -> None:
@@ -40,7 +40,7 @@ def one_line_errors(func):
         try:
             return func(*args, **kwargs)
         except IdeoquantError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {printable(str(e))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("error: interrupted; partial outputs removed", err=True)
@@ -49,7 +49,7 @@ def one_line_errors(func):
             click.echo("error: out of memory", err=True)
             sys.exit(1)
         except OSError as e:
-            click.echo(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", err=True)
+            click.echo(printable(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}"), err=True)
             sys.exit(1)
 
     return wrapper

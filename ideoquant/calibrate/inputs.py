@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from ..errors import IdeoquantError
+from ..io.input_files import MAX_JSON_BYTES, read_limited, show
 from ..model.inventory import ModelDims
 from ..model.sequence import packed_layout
 from .statistics import stable_int
@@ -41,7 +42,9 @@ def read_prompts(path: str | Path) -> list[CalibrationPrompt]:
         ]
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_limited(path, MAX_JSON_BYTES, "prompt file").decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise IdeoquantError(f"{show(path)}: not a UTF-8 text file") from None
     except OSError as e:
         raise IdeoquantError(f"{path}: cannot read prompts ({e.strerror})") from None
     prompts = []
@@ -50,7 +53,7 @@ def read_prompts(path: str | Path) -> list[CalibrationPrompt]:
             continue
         try:
             item = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise IdeoquantError(f"{path}:{number}: not a JSON line") from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise IdeoquantError(f"{path}:{number}: no string field 'prompt'")

@@ -29,6 +29,7 @@ from typing import Any
 
 from ideoquant import data_dir
 from ideoquant.errors import IdeoquantError
+from ideoquant.io.input_files import MAX_JSON_BYTES, read_limited, show
 
 __all__ = [
     "CATEGORIES",
@@ -118,6 +119,8 @@ def parse_caption(prompt: str) -> dict[str, Any]:
         caption = json.loads(prompt)
     except json.JSONDecodeError as exc:
         raise ValueError(f"prompt is not a JSON caption ({exc.msg} at char {exc.pos})") from None
+    except (RecursionError, ValueError):  # nesting past the stack, integers of thousands of digits
+        raise ValueError("prompt is not a JSON caption (nested too deeply or a number too long)") from None
     if not isinstance(caption, dict):
         raise ValueError("prompt caption must be a JSON object")
     _check_keys(caption, ("high_level_description", "compositional_deconstruction"), "caption: ")
@@ -211,10 +214,11 @@ def load_prompts(path: str | Path, *, require_caption: bool = True) -> list[Prom
     records.
     """
     path = Path(path)
+    if not path.exists():
+        raise IdeoquantError(f"{show(path)}: no such prompt file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise IdeoquantError(f"{path}: no such prompt file") from None
+        # A regular file of bounded size: a FIFO or device here would block or never end.
+        text = read_limited(path, MAX_JSON_BYTES, "prompt file").decode("utf-8")
     except UnicodeDecodeError:
         raise IdeoquantError(f"{path}: not a UTF-8 text file") from None
     except OSError as exc:
@@ -229,6 +233,8 @@ def load_prompts(path: str | Path, *, require_caption: bool = True) -> list[Prom
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise IdeoquantError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except (RecursionError, ValueError):  # nesting past the stack, integers of thousands of digits
+            raise IdeoquantError(f"{path}:{lineno}: invalid JSON (nested too deeply or a number too long)") from None
         try:
             record = _record_from(obj, require_caption)
         except ValueError as exc:

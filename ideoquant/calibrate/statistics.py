@@ -10,7 +10,9 @@ from typing import Iterable
 
 import torch
 
-from ..errors import IdeoquantError
+from ..errors import IdeoquantError, printable
+from ..io.input_files import json_int, json_list, json_str, json_str_map, parse_json, show
+from ..io.safetensors_reader import SafetensorsFile
 from ..io.safetensors_writer import save_safetensors
 from ..io.staging import OutputSet
 from ..model.inventory import to_canonical_name
@@ -212,29 +214,32 @@ class CalibrationStatistics:
         return Path(path)
 
 
-def _read_metadata(handle, path: Path) -> dict:
-    raw = (handle.metadata() or {}).get(METADATA_KEY)
-    try:
-        meta = json.loads(raw) if raw else None
-    except ValueError:
-        meta = None
+def _read_metadata(handle: SafetensorsFile, path: Path) -> dict:
+    """The provenance record of a statistics file, every field it is read by type-checked."""
+    where = f"{show(path)}: metadata {METADATA_KEY}"
+    raw = handle.metadata.get(METADATA_KEY)
+    meta = parse_json(raw, where) if raw else None
     if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
-        raise IdeoquantError(f"{path}: not an ideoquant calibration statistics file")
-    if int(meta.get("version", 0)) > STATS_VERSION:
-        raise IdeoquantError(f"{path}: statistics format version {meta['version']} is newer than this ideoquant reads")
+        raise IdeoquantError(f"{show(path)}: not an ideoquant calibration statistics file")
+    version = json_int(meta.get("version", 0), f"{where}: version")
+    if version > STATS_VERSION:
+        raise IdeoquantError(f"{show(path)}: statistics format version {version} is newer than this ideoquant reads")
+    json_int(meta.get("max_samples", DEFAULT_MAX_SAMPLES), f"{where}: max_samples", minimum=1)
+    json_str_map(meta.get("checksums", {}), f"{where}: checksums")
+    for key in ("inputs", "runs", "branches", "timestep_bins"):
+        if key in meta:
+            json_list(meta[key], f"{where}: {key}")
+    for item in meta.get("branches", []):
+        json_str(item, f"{where}: branches entry")
     return meta
 
 
-def _open_statistics(path: Path):
-    from safetensors import safe_open
-
+def _open_statistics(path: Path) -> SafetensorsFile:
     path = Path(path)
-    if not path.is_file():
-        raise IdeoquantError(f"{path}: no such statistics file")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise IdeoquantError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+    if not path.exists():
+        raise IdeoquantError(f"{show(path)}: no such statistics file")
+    # The project's strict reader (regular files only, validated header, no memory map).
+    return SafetensorsFile(path)
 
 
 def load_statistics(path: str | Path, branches: Iterable[str] | None = None) -> CalibrationStatistics:
@@ -245,22 +250,24 @@ def load_statistics(path: str | Path, branches: Iterable[str] | None = None) -> 
     wanted = set(branches) if branches is not None else None
     fields: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     energies: dict[str, dict[str, torch.Tensor]] = {}
-    for name in handle.keys():
+    for name in handle.tensors:
         branch, _, rest = name.partition("/")
         module, _, fld = rest.rpartition("/")
         if fld not in FIELDS + (ENERGY_FIELD,) or not module:
-            raise IdeoquantError(f"{path}: unexpected tensor {name!r}")
+            raise IdeoquantError(f"{show(path)}: unexpected tensor {printable(repr(name))}")
         if wanted is not None and branch not in wanted:
             continue
         if fld == ENERGY_FIELD:
-            energies.setdefault(branch, {})[module] = handle.get_tensor(name)
+            energies.setdefault(branch, {})[module] = handle.read(name)
         else:
-            fields.setdefault((branch, module), {})[fld] = handle.get_tensor(name)
+            fields.setdefault((branch, module), {})[fld] = handle.read(name)
     result: dict[str, dict[str, LinearStatistics]] = {}
     for (branch, module), f in fields.items():
         missing = [x for x in FIELDS if x not in f]
         if missing:
-            raise IdeoquantError(f"{path}: {branch}/{module} lacks {', '.join(missing)}")
+            raise IdeoquantError(f"{show(path)}: {printable(branch)}/{printable(module)} lacks {', '.join(missing)}")
+        if f["count"].numel() != 1:
+            raise IdeoquantError(f"{show(path)}: {printable(branch)}/{printable(module)}/count must hold one number")
         result.setdefault(branch, {})[module] = LinearStatistics(
             absmax=f["absmax"], sumsq=f["sumsq"], count=int(f["count"][0]), bin_absmax=f["bin_absmax"],
             bin_count=f["bin_count"], samples=f["samples"], sample_keys=f["sample_keys"],
@@ -293,13 +300,15 @@ def load_importance(stats_path: str | Path, canonical_module: str, branch: str =
     handle = _open_statistics(path)
     _read_metadata(handle, path)
     prefix = f"{branch}/{statistics_key(canonical_module)}"
-    names = set(handle.keys())
-    if f"{prefix}/sumsq" not in names:
+    if f"{prefix}/sumsq" not in handle.tensors or f"{prefix}/count" not in handle.tensors:
         return None
-    count = int(handle.get_tensor(f"{prefix}/count")[0])
+    count_tensor = handle.read(f"{prefix}/count")
+    if count_tensor.numel() != 1:
+        raise IdeoquantError(f"{show(path)}: {prefix}/count must hold one number")
+    count = int(count_tensor.reshape(-1)[0])
     if count == 0:
         return None
-    return (handle.get_tensor(f"{prefix}/sumsq") / count).to(torch.float32)
+    return (handle.read(f"{prefix}/sumsq") / count).to(torch.float32)
 
 
 def merge_statistics(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> CalibrationStatistics:

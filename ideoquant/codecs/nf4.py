@@ -455,8 +455,10 @@ def parse_nf4_serialized(tensors: dict[str, torch.Tensor], prefix: str) -> NF4Te
         raise IdeoquantError(f"{key}: not an NF4 weight ({kind})")
     try:
         meta = json.loads(bytes(tensors[meta_key].cpu().to(torch.uint8).numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IdeoquantError(f"{meta_key}: unreadable quant state ({exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # also too deep, or numbers too long
+        raise IdeoquantError(f"{meta_key}: unreadable quant state ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise IdeoquantError(f"{meta_key}: quant state is not a JSON object")
     if meta.get("quant_type") != "nf4":
         raise IdeoquantError(f"{key}: quant_type {meta.get('quant_type')!r}, expected 'nf4'")
     if meta.get("blocksize") != NF4_BLOCKSIZE:
@@ -464,8 +466,10 @@ def parse_nf4_serialized(tensors: dict[str, torch.Tensor], prefix: str) -> NF4Te
     dtype = getattr(torch, str(meta.get("dtype")), None)
     if not isinstance(dtype, torch.dtype):
         raise IdeoquantError(f"{key}: unknown dtype {meta.get('dtype')!r}")
-    if not isinstance(meta.get("shape"), list):
-        raise IdeoquantError(f"{key}: quant state has no shape")
+    if not isinstance(meta.get("shape"), list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in meta["shape"]
+    ):
+        raise IdeoquantError(f"{key}: quant state has no shape of non-negative integers")
     shape = tuple(int(s) for s in meta["shape"])
     n = math.prod(shape)
     n_blocks = -(-n // NF4_BLOCKSIZE)

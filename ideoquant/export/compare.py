@@ -45,6 +45,7 @@ Nothing here depends on the CLI; errors meant for the user are raised as
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ideoquant.errors import IdeoquantError
+from ideoquant.errors import IdeoquantError, printable
+from ideoquant.io.input_files import open_regular
 
 __all__ = [
     "DESCRIPTIVE_COLUMNS",
@@ -107,6 +109,12 @@ _SSIM_SIGMA = 1.5
 _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
 _DATA_RANGE = 255.0
+# Pixels per band of rows in PSNR and SSIM: about 100 MB of float64 working arrays.
+_BAND_PIXELS = 1 << 20
+
+#: Largest image (width x height) that `compare --images` reads: 8192 x 8192. Larger images,
+#: and files whose header claims more (decompression bombs), are refused before decoding.
+MAX_IMAGE_PIXELS = 1 << 26
 
 
 # --------------------------------------------------------------------------- scores
@@ -129,10 +137,8 @@ def load_scores(csv_path: str | Path) -> dict[str, dict[str, float]]:
     with the wrong number of fields, or a duplicate key.
     """
     path = Path(csv_path)
-    try:
-        handle = path.open(newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise IdeoquantError(f"{path}: cannot read score file ({exc.strerror or exc})") from None
+    # A regular file only: a FIFO given as A or B would block the comparison forever.
+    handle = io.TextIOWrapper(open_regular(path, "score file"), newline="", encoding="utf-8-sig")
     with handle:
         reader = csv.reader(handle)
         try:
@@ -403,13 +409,24 @@ def _check_pair(img_a: np.ndarray, img_b: np.ndarray) -> tuple[np.ndarray, np.nd
 def psnr(img_a: np.ndarray, img_b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB over all pixels and channels (data range 255).
 
-    ``10 * log10(255**2 / MSE)``; identical images give ``inf``.
+    ``10 * log10(255**2 / MSE)``; identical images give ``inf``. The squared differences
+    are summed exactly as integers, a band of rows at a time (bounded memory).
     """
     a, b = _check_pair(img_a, img_b)
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    if mse == 0.0:
+    step = _band_rows(a)
+    total = 0
+    for r in range(0, a.shape[0], step):
+        d = a[r : r + step].astype(np.int32) - b[r : r + step]
+        total += int(np.sum(d * d, dtype=np.int64))
+    if total == 0:
         return math.inf
-    return 10.0 * math.log10(_DATA_RANGE**2 / mse)
+    return 10.0 * math.log10(_DATA_RANGE**2 / (total / a.size))
+
+
+def _band_rows(img: np.ndarray) -> int:
+    """Rows per band so that one band's float64 working arrays stay near _BAND_PIXELS pixels."""
+    per_row = max(1, int(np.prod(img.shape[1:])))
+    return max(1, _BAND_PIXELS // per_row)
 
 
 def _gaussian_window() -> np.ndarray:
@@ -432,9 +449,12 @@ def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ssim_channel(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
+def _ssim_sum(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
+    """Sum of the SSIM map over the valid window positions of one channel (float64)."""
     c1 = (_SSIM_K1 * _DATA_RANGE) ** 2
     c2 = (_SSIM_K2 * _DATA_RANGE) ** 2
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
     mu_x = _filter_valid(x, g)
     mu_y = _filter_valid(y, g)
     var_x = _filter_valid(x * x, g) - mu_x * mu_x
@@ -442,7 +462,20 @@ def _ssim_channel(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
     cov = _filter_valid(x * y, g) - mu_x * mu_y
     numerator = (2.0 * mu_x * mu_y + c1) * (2.0 * cov + c2)
     denominator = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-    return float(np.mean(numerator / denominator))
+    return float(np.sum(numerator / denominator))
+
+
+def _ssim_channel(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
+    """Mean SSIM of one channel, computed over bands of output rows (each band reads its
+    rows plus the window's overlap), so memory stays bounded whatever the image size."""
+    k = g.size
+    out_rows, out_cols = x.shape[0] - k + 1, x.shape[1] - k + 1
+    step = _band_rows(x)
+    total = 0.0
+    for r in range(0, out_rows, step):
+        rows = slice(r, min(r + step, out_rows) + k - 1)
+        total += _ssim_sum(x[rows], y[rows], g)
+    return total / (out_rows * out_cols)
 
 
 def ssim(img_a: np.ndarray, img_b: np.ndarray) -> float:
@@ -462,7 +495,7 @@ def ssim(img_a: np.ndarray, img_b: np.ndarray) -> float:
         a = a[:, :, None]
         b = b[:, :, None]
     g = _gaussian_window()
-    values = [_ssim_channel(a[:, :, c].astype(np.float64), b[:, :, c].astype(np.float64), g) for c in range(a.shape[2])]
+    values = [_ssim_channel(a[:, :, c], b[:, :, c], g) for c in range(a.shape[2])]
     return float(np.mean(values))
 
 
@@ -492,13 +525,31 @@ def _list_images(folder: Path) -> dict[str, Path]:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
+    """An image file as HxWx3 uint8; its size is checked from the header before decoding."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    where = printable(str(path))
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise IdeoquantError(f"{path}: cannot read image ({exc})") from None
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns (and, past twice its limit, raises) on open; both
+            # mean the header claims more pixels than this tool reads.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise IdeoquantError(
+                        f"{where}: {width}x{height} pixels is more than the {MAX_IMAGE_PIXELS:,} this comparison reads"
+                    )
+                # An RGB file is used as decoded (no converted copy): one image's worth of memory less.
+                rgb = image if image.mode == "RGB" else image.convert("RGB")
+                return np.asarray(rgb, dtype=np.uint8)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise IdeoquantError(f"{where}: image header claims more pixels than this comparison reads "
+                             f"({MAX_IMAGE_PIXELS:,}); not decoded") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise IdeoquantError(f"{where}: cannot read image ({printable(str(exc))})") from None
 
 
 def compare_image_dirs(dir_a: str | Path, dir_b: str | Path) -> ImageComparison:

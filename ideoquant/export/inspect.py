@@ -7,7 +7,8 @@ from pathlib import Path
 
 from gguf import GGUFReader, GGUFValueType
 
-from ..errors import IdeoquantError
+from ..errors import IdeoquantError, printable
+from ..io.input_files import json_object, load_json, parse_json, show
 from ..io.safetensors_reader import SafetensorsFile
 from ..io.source import open_source
 from .report import format_table, human_bytes
@@ -37,17 +38,20 @@ def inspect_gguf(path: Path, show_metadata: bool = True) -> str:
     try:
         reader = GGUFReader(path)
     except Exception as e:
-        raise IdeoquantError(f"{path}: not a readable GGUF file ({e})") from None
+        raise IdeoquantError(f"{show(path)}: not a readable GGUF file ({printable(str(e))})") from None
     recipe = {}
     field = reader.get_field("ideoquant.recipe")
     if field is not None:
-        recipe = json.loads(field.contents())
+        where = f"{show(path)}: metadata ideoquant.recipe"
+        recipe = json_object(parse_json(str(field.contents()), where), where)
     rows, total = [], 0
     for t in reader.tensors:
         shape = [int(x) for x in reversed(t.shape.tolist())]
         total += int(t.n_bytes)
-        rows.append([t.name, str(shape), t.tensor_type.name, human_bytes(int(t.n_bytes)), recipe.get(t.name, {}).get("reason", "")])
-    out = [f"{path}  (GGUF v{reader.get_field('GGUF.version').contents()}, {len(rows)} tensors)"]
+        entry = recipe.get(t.name)
+        reason = entry.get("reason", "") if isinstance(entry, dict) else ""
+        rows.append([t.name, str(shape), t.tensor_type.name, human_bytes(int(t.n_bytes)), str(reason)])
+    out = [f"{show(path)}  (GGUF v{reader.get_field('GGUF.version').contents()}, {len(rows)} tensors)"]
     out.append(format_table(["name", "shape", "type", "bytes", "why"], rows))
     n_weights = sum(int(t.n_elements) for t in reader.tensors)
     out.append(f"total: {len(rows)} tensors, {n_weights:,} weights, {human_bytes(total)} of data, "
@@ -59,7 +63,7 @@ def inspect_gguf(path: Path, show_metadata: bool = True) -> str:
                 continue
             value = f.contents()
             text = json.dumps(value) if f.types and f.types[0] == GGUFValueType.ARRAY else str(value)
-            out.append(f"  {name} = {text[:MAX_VALUE_CHARS]}")
+            out.append(f"  {printable(name)} = {printable(text[:MAX_VALUE_CHARS])}")
     return "\n".join(out)
 
 
@@ -73,15 +77,15 @@ def inspect_safetensors(path: Path, show_metadata: bool = True) -> str:
         st = SafetensorsFile(f)
         rows = [[t.name, str(list(t.shape)), str(t.dtype).replace("torch.", ""), human_bytes(t.nbytes)] for t in st.tensors.values()]
         total = sum(t.nbytes for t in st.tensors.values())
-        out.append(f"{f}")
+        out.append(show(f))
         out.append(format_table(["name", "shape", "dtype", "bytes"], rows))
         out.append(f"total: {len(rows)} tensors, {human_bytes(total)}")
         if show_metadata and st.metadata:
             out.append("metadata:")
-            out += [f"  {k} = {str(v)[:MAX_VALUE_CHARS]}" for k, v in st.metadata.items()]
+            out += [f"  {printable(k)} = {printable(v[:MAX_VALUE_CHARS])}" for k, v in st.metadata.items()]
         config = f.parent / "config.json"
         if show_metadata and config.is_file():
-            qc = json.loads(config.read_text()).get("quantization_config")
+            qc = json_object(load_json(config, "config.json"), f"{show(config)}: the file").get("quantization_config")
             if qc:
                 out.append(f"quantization_config: {json.dumps(qc)[:2000]}")
         out.append("")

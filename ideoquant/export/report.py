@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import printable
+
 if TYPE_CHECKING:
     from .options import BranchResult
 
@@ -18,7 +20,9 @@ def human_bytes(n: float) -> str:
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned text columns."""
+    """Left-aligned text columns (cells come from files: control characters are escaped)."""
+    header = [printable(str(c)) for c in header]
+    rows = [[printable(str(c)) for c in r] for r in rows]
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

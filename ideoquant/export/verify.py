@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from .. import __version__
 from ..codecs.ggml.registry import ggml_type
 from ..errors import IdeoquantError
+from ..io.input_files import load_json, show
 from ..io.safetensors_reader import SafetensorsFile
 from ..io.source import BranchSource, open_source
 from ..io.staging import PARTIAL_SUFFIX, OutputSet, sha256_file
@@ -44,6 +45,7 @@ from .error_meter import relative_error
 from .gguf_branch import verify_gguf_file
 from .model_card import CARD_NAME, REPORT_NAME, parse_file_table, report_files
 from .options import BranchResult, TensorReport
+from .report_schema import check_report, inside
 
 if TYPE_CHECKING:  # the smoothing module is imported only where an INT8 folder needs it
     from .smoothing import Int8Recipe
@@ -67,13 +69,8 @@ def load_report(folder: Path) -> dict:
     path = folder / REPORT_NAME
     if not path.is_file():
         raise IdeoquantError(f"{path}: missing (not a folder written by `ideoquant convert`)")
-    try:
-        report = json.loads(path.read_text())
-    except ValueError:
-        raise IdeoquantError(f"{path}: not valid JSON") from None
-    if not isinstance(report, dict) or not isinstance(report.get("branches"), dict) or "format" not in report:
-        raise IdeoquantError(f"{path}: not a quantization report (no format or branches)")
-    return report
+    # Strict JSON, then every field verify and publish read type-checked, file paths confined.
+    return check_report(load_json(path, REPORT_NAME), folder, show(path))
 
 
 def load_card_table(folder: Path) -> dict[str, tuple[int, str]]:
@@ -104,6 +101,8 @@ def check_files(folder: Path, report: dict, card_table: dict[str, tuple[int, str
         raise IdeoquantError(f"{partials[0]}: unfinished write left in the folder")
     for path, (size, digest) in listed.items():
         file = folder / path
+        if not inside(folder, file):
+            raise IdeoquantError(f"{show(file)}: leads outside {show(folder)} (through a symbolic link)")
         if not file.is_file():
             raise IdeoquantError(f"{file}: missing (listed in the model card)")
         if file.stat().st_size != size:
@@ -242,7 +241,7 @@ class FolderTensors:
             state = self.stored[key + NF4_STATE_SUFFIX]
             try:
                 return tuple(int(s) for s in json.loads(bytes(state.file.read(state.name).numpy()))["shape"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise IdeoquantError(f"{state.file.path}: unreadable NF4 quant state of {key}") from None
         return self.stored[key].shape
 

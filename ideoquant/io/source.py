@@ -31,6 +31,7 @@ from ..model.inventory import (
     to_canonical_name,
     to_layout_names,
 )
+from .input_files import open_regular, show
 from .safetensors_reader import SafetensorsFile, StoredTensor
 from .tensor_folder import TensorFolder, find_safetensors, read_config
 
@@ -160,7 +161,7 @@ class BranchSource:
             if not self._checksum:
                 h = hashlib.sha256()
                 for f in self.files:
-                    with open(f.path, "rb") as fh:
+                    with open_regular(f.path) as fh:
                         while chunk := fh.read(16 << 20):
                             h.update(chunk)
                 self._checksum = h.hexdigest()
@@ -171,8 +172,28 @@ class BranchSource:
         return sum(s.numel for s in self.specs.values())
 
 
-def _guess_branch(path: Path) -> str:
-    return "unconditional_transformer" if "uncond" in path.name.lower() else "transformer"
+def _lone_branch(path: Path, wanted: tuple[str, ...], config: dict | None) -> str:
+    """The branch a lone branch folder or file holds: what --branches names when it names one,
+    else what its folder's name (or config.json `_name_or_path`) says, else the conditional one.
+    The file name alone is never trusted: one that suggests `uncond` without its folder or
+    config saying so is refused until --branches says which."""
+    folder = path.parent if path.is_file() else path
+    said = folder.name if folder.name in BRANCHES else None
+    named = config.get("_name_or_path") if config else None
+    if said is None and isinstance(named, str) and Path(named).name in BRANCHES:
+        said = Path(named).name
+    if len(wanted) == 1:
+        if said is not None and said != wanted[0]:
+            log.warning("%s is in a %s folder; reading it as %s, as --branches says", show(path), said, wanted[0])
+        return wanted[0]
+    if said is not None:
+        return said
+    if "uncond" in path.name.lower():
+        raise IdeoquantError(
+            f"{show(path)}: cannot tell which branch this is (its folder and config.json do not say; "
+            "the name alone is not trusted): pass --branches uncond or --branches cond"
+        )
+    return "transformer"
 
 
 def _open_branch(branch: str, paths: list[Path], config: dict | None, origin: str) -> BranchSource:
@@ -223,12 +244,11 @@ def open_source(src: str | Path, branches: str = "both") -> Source:
             raise IdeoquantError(f"{src}: no such file or folder")
     origin = str(src)
     found: dict[str, BranchSource] = {}
-    # A lone branch is the one its name suggests, unless --branches names exactly one.
-    lone_branch = wanted[0] if len(wanted) == 1 else _guess_branch(path)
     if path.is_file():
         if not path.name.endswith(".safetensors"):
             raise IdeoquantError(f"{path}: not a .safetensors file")
-        found[lone_branch] = _open_branch(lone_branch, [path], None, origin)
+        branch = _lone_branch(path, wanted, read_config(path.parent))
+        found[branch] = _open_branch(branch, [path], None, origin)
     elif (path / "model_index.json").is_file() or any((path / b).is_dir() for b in BRANCHES):
         for b in wanted:
             folder = path / b
@@ -236,7 +256,9 @@ def open_source(src: str | Path, branches: str = "both") -> Source:
                 raise IdeoquantError(f"{path}: pipeline folder has no {b}/")
             found[b] = _open_branch(b, find_safetensors(folder), read_config(folder), origin)
     else:
-        found[lone_branch] = _open_branch(lone_branch, find_safetensors(path), read_config(path), origin)
+        config = read_config(path)
+        branch = _lone_branch(path, wanted, config)
+        found[branch] = _open_branch(branch, find_safetensors(path), config, origin)
     if not found:
         raise IdeoquantError(f"{src}: none of the requested branches ({branches}) is in this source")
     for bs in found.values():

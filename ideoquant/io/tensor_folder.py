@@ -7,15 +7,15 @@ malformed index are handled the same way everywhere.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from ..errors import IdeoquantError
-from ..model.inventory import detect_prefix
+from ..errors import IdeoquantError, printable
+from ..model.inventory import CONFIG_KEYS, detect_prefix
+from .input_files import json_int, json_list, json_number, json_object, json_str, load_json, show
 from .safetensors_reader import SafetensorsFile, StoredTensor
 
 log = logging.getLogger("ideoquant")
@@ -25,16 +25,17 @@ INDEX_SUFFIX = ".safetensors.index.json"
 
 def read_index(index: Path) -> dict[str, str]:
     """The `weight_map` of a shard index: tensor name -> shard file name inside the same folder."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError):
-        weight_map = None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise IdeoquantError(f"{index}: malformed safetensors index")
+    where = show(index)
+    data = json_object(load_json(index, "safetensors index"), f"{where}: the index")
+    if "weight_map" not in data:
+        raise IdeoquantError(f"{where}: malformed safetensors index (no weight_map)")
+    weight_map = json_object(data["weight_map"], f"{where}: weight_map")
+    for tensor, shard in weight_map.items():
+        json_str(shard, f"{where}: weight_map[{printable(repr(tensor))}]")
     for shard in set(weight_map.values()):
         # Shards live beside their index: a path that leaves the folder is refused, never followed.
-        if Path(shard).name != shard or shard in ("", ".", ".."):
-            raise IdeoquantError(f"{index}: shard name {shard!r} points outside its folder")
+        if Path(shard).name != shard or shard in ("", ".", "..") or "\\" in shard:
+            raise IdeoquantError(f"{where}: shard name {printable(repr(shard))} points outside its folder")
     return weight_map
 
 
@@ -63,19 +64,32 @@ def find_safetensors(folder: Path, strict: bool = False) -> list[Path]:
     raise IdeoquantError(f"{index}: shard {missing[0]} is missing")
 
 
+# config.json fields the readers use, by type: widths (positive integers), numbers, lists.
+CONFIG_INTEGERS = tuple(CONFIG_KEYS) + ("num_attention_heads",)
+CONFIG_NUMBERS = ("rope_theta", "norm_eps")
+
+
 def read_config(folder: Path, required: bool = False) -> dict | None:
-    """A folder's `config.json` as a dict; None when absent and not required."""
+    """A folder's `config.json` as a dict (None when absent and not required), every field
+    the readers use type-checked: one line naming a field of the wrong type."""
     path = folder / "config.json"
-    if not path.is_file():
+    if not path.exists():
         if required:
-            raise IdeoquantError(f"{folder}: no config.json")
+            raise IdeoquantError(f"{show(folder)}: no config.json")
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise IdeoquantError(f"{path}: config.json is not valid JSON") from None
-    if not isinstance(config, dict):
-        raise IdeoquantError(f"{path}: config.json is not a JSON object")
+    where = show(path)
+    config = json_object(load_json(path, "config.json"), f"{where}: the file")
+    for key in CONFIG_INTEGERS:
+        if key in config:
+            json_int(config[key], f"{where}: {key}", minimum=1)
+    for key in CONFIG_NUMBERS:
+        if key in config:
+            json_number(config[key], f"{where}: {key}")
+    if "mrope_section" in config:
+        for item in json_list(config["mrope_section"], f"{where}: mrope_section"):
+            json_int(item, f"{where}: mrope_section entry", minimum=0)
+    if "quantization_config" in config:
+        json_object(config["quantization_config"], f"{where}: quantization_config")
     return config
 
 
@@ -124,7 +138,7 @@ class TensorFolder(Mapping):
         return {n: t.shape for n, t in self._stored.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor as stored (memory-mapped, not copied)."""
+        """One tensor as stored, read into its own memory."""
         t = self._stored[name]
         return t.file.read(t.name)
 
@@ -148,7 +162,7 @@ class TensorFolder(Mapping):
 
 
 class _ReadOnAccess(Mapping):
-    """A TensorFolder seen as name -> tensor (read through its memory map on access)."""
+    """A TensorFolder seen as name -> tensor (each read on access)."""
 
     def __init__(self, folder: TensorFolder) -> None:
         self._folder = folder

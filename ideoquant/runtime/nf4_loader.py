@@ -167,7 +167,7 @@ def _quant_shape(tensors: Mapping[str, torch.Tensor], weight_name: str) -> tuple
     try:
         meta = json.loads(bytes(raw.to(torch.uint8).numpy()).decode("utf-8"))
         return tuple(int(s) for s in meta["shape"])
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
         raise IdeoquantError(f"{weight_name}: unreadable NF4 quant state") from None
 
 

@@ -7,7 +7,6 @@ Accepted paths: a `.gguf` file (either branch); a folder of GGUF files; an INT8
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import IdeoquantError
+from ..io.tensor_folder import read_config
 from ..model.inventory import BRANCHES, normalize_branch
 
 
@@ -28,13 +28,7 @@ class BranchLocation:
 
 
 def _read_config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        raise IdeoquantError(f"{folder}: config.json is missing or not valid JSON") from None
-    if not isinstance(config, dict):
-        raise IdeoquantError(f"{folder}: config.json is not a JSON object")
-    return config
+    return read_config(folder, required=True)
 
 
 def _folder_kind(folder: Path) -> str:
