@@ -138,7 +138,7 @@ def test_inspect_shows_policy_per_tensor(tiny_fp8, tmp_path):
     proc = run_cli("inspect", str(tiny_fp8), "--plan", "q4_k")
     assert proc.returncode == 0, proc.stderr
     line = next(l for l in proc.stdout.splitlines() if l.startswith("input_proj.weight"))
-    assert "Q5_0" in line and "fallback" in line
+    assert "Q8_0" in line and "fallback" in line
     assert run_cli("convert", str(tiny_fp8), "--format", "f16", "--out", str(tmp_path), "--quiet").returncode == 0
     proc = run_cli("inspect", str(tmp_path / "ideogram4-F16.gguf"))
     assert "layers.0.attention.qkv.weight" in proc.stdout and "F16" in proc.stdout
