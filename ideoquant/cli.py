@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -32,24 +35,69 @@ def _setup_logging(quiet: bool = False) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal, raised where the program is so that every cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Signals that end a run the way Ctrl-C does: staged and finished outputs removed, one line.
+ENDING_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+def _on_signal(signum, frame) -> None:
+    # A second signal must not cut the cleanup of the first short.
+    for s in ENDING_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _ending_signals_raise():
+    """While a command runs, SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in ENDING_SIGNALS}
+    for s in ENDING_SIGNALS:
+        signal.signal(s, _on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _echo_error(text: str) -> None:
+    try:
+        click.echo(printable(f"error: {text}"), err=True)
+    except OSError:  # the terminal went away (SIGHUP): the exit status still tells
+        pass
+
+
 def one_line_errors(func):
-    """Turn project errors (and interrupts, full disks, memory exhaustion) into one line and a non-zero exit."""
+    """Turn project errors (and interrupts, termination signals, full disks, memory exhaustion)
+    into one line and a non-zero exit."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with _ending_signals_raise():
+                return func(*args, **kwargs)
         except IdeoquantError as e:
-            click.echo(f"error: {printable(str(e))}", err=True)
+            _echo_error(str(e))
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; partial outputs removed", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            _echo_error(f"interrupted ({signal.Signals(signum).name}); partial outputs removed")
+            sys.exit(128 + int(signum))
         except MemoryError:
-            click.echo("error: out of memory", err=True)
+            _echo_error("out of memory")
             sys.exit(1)
         except OSError as e:
-            click.echo(printable(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}"), err=True)
+            _echo_error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
             sys.exit(1)
 
     return wrapper

@@ -63,6 +63,8 @@ def write_gguf_branch(
 ) -> BranchResult:
     """Quantize one branch to a GGUF file, streaming chunk by chunk, then verify it."""
     choices = gguf_tensor_types(bs.dims, options.fmt)
+    if options.imatrix is not None and not any(ggml_type(c.qtype).uses_imatrix for c in choices):
+        raise IdeoquantError(f"--imatrix has no effect on {options.fmt} (only q4_0 and the K-quants use one); leave it out")
     path = options.out / gguf_file_name(bs.branch, options.fmt)
     outputs.claim(path)
     ensure_free_space(options.out, sum(tensor_nbytes(c) for c in choices))
@@ -81,9 +83,9 @@ def write_gguf_branch(
         "ideoquant.recipe": json.dumps(recipe, separators=(",", ":")),
     }
     reports: list[TensorReport] = []
-    with outputs.writing(path) as tmp:
+    with outputs.writing(path) as staged:
         infos = [(c.name, c.shape, c.qtype, tensor_nbytes(c)) for c in choices]
-        writer = GGUFStreamWriter(tmp, ARCHITECTURE, metadata, infos)
+        writer = GGUFStreamWriter(staged.file, ARCHITECTURE, metadata, infos)
         try:
             for c in choices:
                 progress.start(c.name)
@@ -91,7 +93,7 @@ def write_gguf_branch(
                 imatrix = None
                 if cls.uses_imatrix and len(c.shape) == 2:
                     imatrix = importance(c.name.rsplit(".", 1)[0], c.shape[1])
-                meter = ErrorMeter()
+                meter = ErrorMeter(c.name, c.qtype.name)
                 writer.begin_tensor(c.name)
                 for rows in bs.iter_float32_rows(c.name):
                     data = cls.quantize_rows(rows, imatrix)
@@ -105,7 +107,7 @@ def write_gguf_branch(
             writer.close()
         # The sha256 of the stream as written goes into the card; `ideoquant verify` checks
         # the file against it. Here: structure, and the gguf package decoding every tensor.
-        verify_gguf_file(tmp, choices)
+        verify_gguf_file(staged.path, choices)
     return BranchResult(
         branch=bs.branch,
         files=[path],
