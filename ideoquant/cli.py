@@ -50,7 +50,8 @@ ENDING_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal
 def _on_signal(signum, frame) -> None:
     # A second signal must not cut the cleanup of the first short.
     for s in ENDING_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        if signal.getsignal(s) is _on_signal:
+            signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -60,14 +61,15 @@ def _ending_signals_raise():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in ENDING_SIGNALS}
-    for s in ENDING_SIGNALS:
+    # A signal ignored when the command started (`nohup`, a background job) stays ignored.
+    previous = {s: h for s in ENDING_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
+    for s in previous:
         signal.signal(s, _on_signal)
     try:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _echo_error(text: str) -> None:
@@ -169,12 +171,16 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--layout", type=click.Choice(LAYOUTS), default=DEFAULT_LAYOUT, show_default=True,
               help="INT8/NF4 tensor names.")
 @click.option("--base-model", default=None, help="Hub id of the source, for the model card.")
+@click.option("--clamp-overflow", is_flag=True,
+              help="GGUF f16/bf16 tensors: store values beyond the type's range as its largest value "
+                   "(counted in the report and card) instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, calibration: Path | None,
             alpha: float | None, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
-            double_quant: bool, layout: str, base_model: str | None, overwrite: bool, quiet: bool) -> None:
+            double_quant: bool, layout: str, base_model: str | None, clamp_overflow: bool, overwrite: bool,
+            quiet: bool) -> None:
     """Convert SRC (folder, file or Hub repo id) to FORMAT under OUT, then verify it."""
     from .export.convert import convert as run_convert
     from .export.options import ConvertOptions
@@ -190,7 +196,7 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
         fmt=fmt, out=out, branches=branches, overwrite=overwrite, quiet=quiet, imatrix=imatrix,
         calibration=calibration, alpha=alpha, protect_budget=budget, protect=protect,
         protect_patterns=protect_patterns, all_linears=all_linears, double_quant=double_quant, layout=layout,
-        base_model=base_model,
+        base_model=base_model, clamp_overflow=clamp_overflow,
     )
     results = run_convert(src, options)
     click.echo(summary_table(results))

@@ -43,13 +43,21 @@ SLOW_CLI = (
 )
 
 
+def default_signals() -> None:
+    """The signal dispositions of a command started from a terminal (a test run started in the
+    background inherits SIGINT ignored, which the run rightly keeps ignoring)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_slow_convert(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", SLOW_CLI, "convert", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", SLOW_CLI, "convert", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_signals,
     )
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -156,7 +164,7 @@ def test_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_fp
         assert (out / f"{GGUF}.partial").exists()  # the refused run removed nothing of the first
     finally:
         first.send_signal(signal.SIGCONT)
-        stdout, stderr = first.communicate(timeout=300)
+        stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr
     verified = run_cli("verify", str(out))
     assert verified.returncode == 0, verified.stderr
@@ -174,7 +182,35 @@ def test_f16_overflow_of_a_finite_bf16_weight_is_an_error_naming_it(bf16_source,
     out = tmp_path / "o"
     proc = run_cli("convert", str(bf16_source), "--format", "f16", "--out", str(out), "--quiet")
     assert_one_line_error(proc, "tensor layers.1.feed_forward.w2.weight: 1 values overflow F16")
+    assert "--clamp-overflow stores them as ±65504" in proc.stderr
     assert not out.exists()  # the first branch's finished file and the folder itself removed
+
+
+def test_clamp_overflow_stores_the_largest_f16_and_records_it(bf16_source, tmp_path):
+    from gguf import GGUFReader
+
+    def big(t):
+        t["layers.1.feed_forward.w2.weight"][3, 5] = 70000.0
+        t["layers.1.feed_forward.w2.weight"][4, 6] = -1e30
+        return t
+
+    edit_tensors(bf16_source, "transformer", big)
+    out = tmp_path / "o"
+    proc = run_cli("convert", str(bf16_source), "--format", "f16", "--out", str(out), "--quiet", "--clamp-overflow")
+    assert proc.returncode == 0, proc.stderr
+    reader = GGUFReader(out / "ideogram4-F16.gguf")
+    tensor = next(t for t in reader.tensors if t.name == "layers.1.feed_forward.w2.weight")
+    values = tensor.data.reshape(-1, int(tensor.shape[0]))  # the gguf package's own view, [out, in]
+    assert values[3, 5] == 65504.0 and values[4, 6] == -65504.0
+    assert int((abs(values.astype("float32")) == 65504.0).sum()) == 2
+    report = json.loads((out / "quantization_report.json").read_text())
+    branch = report["branches"]["transformer"]
+    assert branch["recipe"]["clamped"] == {"layers.1.feed_forward.w2.weight": 2}
+    assert report["options"]["clamp_overflow"] is True
+    entry = next(t for t in branch["tensors"] if t["name"] == "layers.1.feed_forward.w2.weight")
+    assert "2 values beyond the F16 range stored as ±65504" in entry["note"] and entry["rel_error"] > 0
+    assert "clamped: layers.1.feed_forward.w2.weight 2" in (out / "README.md").read_text()
+    assert "clamped" not in report["branches"]["unconditional_transformer"]["recipe"]
 
 
 def test_q8_0_block_scale_overflow_is_an_error(bf16_source, tmp_path):
@@ -200,6 +236,25 @@ def test_huge_fp8_scale_overflowing_float32_is_an_error(edit_source, tmp_path, f
     proc = run_cli("convert", str(src), "--format", fmt, "--out", str(out), "--quiet")
     assert_one_line_error(proc, "source values overflow float32 when decoded")
     assert "layers.0.feed_forward.w1" in proc.stderr
+    assert not out.exists()
+
+
+def test_int8_overflow_is_an_error(edit_source, tiny_fp8, tmp_path):
+    from ideoquant.calibrate.run import calibrate
+
+    stats = tmp_path / "stats.safetensors"
+    calibrate(tiny_fp8, stats, synthetic=True, steps=1, resolution=32, synthetic_inputs=1, text_tokens=4,
+              max_samples=16, quiet=True)
+
+    def huge(t):
+        t["layers.1.attention.o.weight_scale"] = torch.full_like(t["layers.1.attention.o.weight_scale"], 1e38)
+        return t
+
+    src = edit_source(huge, branch="unconditional_transformer")
+    out = tmp_path / "o"
+    proc = run_cli("convert", str(src), "--format", "int8", "--calibration", str(stats), "--out", str(out), "--quiet")
+    assert_one_line_error(proc, "source values overflow float32 when decoded")
+    assert "layers.1.attention" in proc.stderr
     assert not out.exists()
 
 
@@ -279,13 +334,27 @@ def test_signal_mid_write_ends_the_run_cleanly_and_a_rerun_works(tiny_fp8, tmp_p
     wait_for(out / f"{UNCOND_GGUF}.partial", proc)
     assert (out / GGUF).exists()
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 128 + sig, stderr
     assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
                           f"interrupted ({signal.Signals(sig).name}); partial outputs removed")
     assert not out.exists(), files_under(out)
     rerun = run_cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet")
     assert rerun.returncode == 0, rerun.stderr
+
+
+def test_an_ignored_sighup_stays_ignored(tiny_fp8, tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, "convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as `nohup` starts it
+    )
+    wait_for(out / f"{GGUF}.partial", proc)
+    proc.send_signal(signal.SIGHUP)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert run_cli("verify", str(out)).returncode == 0
 
 
 # --- 10. card fields -------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ErrorMeter().add(approx, exact).relative()
 
 
-def require_finite(name: str, stored_as: str, decoded: torch.Tensor, source: torch.Tensor | None = None) -> None:
+def require_finite(
+    name: str, stored_as: str, decoded: torch.Tensor, source: torch.Tensor | None = None, hint: str = ""
+) -> None:
     """Refuse an output tensor holding Inf/NaN once decoded: an error naming the tensor, the
     type that overflowed, and (given the source values) whether the source itself did."""
     bad = int(torch.count_nonzero(~torch.isfinite(decoded)))
@@ -27,7 +29,7 @@ def require_finite(name: str, stored_as: str, decoded: torch.Tensor, source: tor
             f"when decoded (weight times scale beyond 3.4e38)"
         )
     largest = f" (largest source magnitude {float(source.abs().max()):.4g})" if source is not None else ""
-    raise IdeoquantError(f"tensor {name}: {bad} values overflow {stored_as} and would be stored as Inf/NaN{largest}")
+    raise IdeoquantError(f"tensor {name}: {bad} values overflow {stored_as} and would be stored as Inf/NaN{largest}{hint}")
 
 
 class ErrorMeter:
@@ -40,9 +42,10 @@ class ErrorMeter:
 
     PIECE = 1 << 20
 
-    def __init__(self, name: str | None = None, stored_as: str = "") -> None:
+    def __init__(self, name: str | None = None, stored_as: str = "", hint: str = "") -> None:
         self.name = name
         self.stored_as = stored_as
+        self.hint = hint
         self.err_sq = 0.0
         self.ref_sq = 0.0
 
@@ -58,7 +61,7 @@ class ErrorMeter:
         err_sq = float(torch.nn.functional.mse_loss(approx, exact, reduction="sum"))
         if not (math.isfinite(err_sq) and math.isfinite(ref_sq)):
             if self.name is not None:
-                require_finite(self.name, self.stored_as, approx, exact)
+                require_finite(self.name, self.stored_as, approx, exact, self.hint)
             # Finite values too large for float32 squares: the (rare) chunk again in float64.
             exact64 = exact.reshape(-1).to(torch.float64)
             ref_sq = float(exact64.square().sum())

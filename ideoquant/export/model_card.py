@@ -543,8 +543,6 @@ def write_model_card(source: "Source", options: "ConvertOptions", results: list[
     """Write DIR/quantization_report.json and DIR/README.md (plus the source's LICENSE files) for a conversion."""
     out = Path(options.out)
     base_model = source.repo_id or options.base_model
-    if base_model is not None:
-        check_repo_id(base_model, "--base-model")
     if base_model is None:
         log.warning("no base model id for the card (local source): pass --base-model to name the Hub repo it came from")
     license_info = source_license(source, base_model)

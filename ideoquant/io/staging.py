@@ -214,7 +214,13 @@ class OutputSet:
                 yield staged
                 staged.file.close()
                 _check_identity(tmp, identity)
-                os.replace(tmp, path)
+                # Registered first: a signal right after the rename still finds the file to discard.
+                self.created.append(path)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    self.created.pop()
+                    raise
             finally:
                 staged.file.close()
         except OSError as e:
@@ -225,7 +231,6 @@ class OutputSet:
         except BaseException:
             _remove_own(tmp, identity)
             raise
-        self.created.append(path)
 
     def write_text(self, path: Path, text: str) -> None:
         """Write a small text file through the same partial-then-rename path."""
