@@ -34,13 +34,19 @@ SLOW_CLI = (
     "import ideoquant.io.gguf_writer as w\n"
     "real = w.GGUFStreamWriter.write_chunk\n"
     "def slow(self, data):\n"
-    "    time.sleep(0.05)\n"
+    "    time.sleep(0.02)\n"
     "    return real(self, data)\n"
     "w.GGUFStreamWriter.write_chunk = slow\n"
     "from ideoquant.cli import main\n"
     "sys.argv[0] = 'ideoquant'\n"
     "main()\n"
 )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in this process (no interpreter start-up): for refusals that end before writing."""
+    result = CliRunner().invoke(main, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.output)
 
 
 def default_signals() -> None:
@@ -110,7 +116,7 @@ def test_symlink_at_staging_name_is_refused(tiny_fp8, tmp_path, victim):
     out.mkdir()
     (out / f"{GGUF}.partial").symlink_to(victim)
     before = snapshot(victim)
-    proc = run_cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet")
+    proc = cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet")
     assert_one_line_error(proc, "is a symbolic link; refusing to write through it")
     assert snapshot(victim) == before
     assert files_under(out) == [f"{GGUF}.partial"]  # the link itself, nothing of the run
@@ -131,7 +137,7 @@ def test_symlinked_branch_folder_leading_outside_is_refused(tiny_fp8, tmp_path, 
     out = tmp_path / "o"
     out.mkdir()
     (out / "transformer").symlink_to(victim.parent, target_is_directory=True)
-    proc = run_cli("convert", str(tiny_fp8), "--format", "nf4", "--out", str(out), "--quiet")
+    proc = cli("convert", str(tiny_fp8), "--format", "nf4", "--out", str(out), "--quiet")
     assert_one_line_error(proc, "leads outside")
     assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
     assert files_under(out) == ["transformer"]
@@ -318,7 +324,7 @@ def test_out_and_source_may_not_contain_each_other(tiny_fp8, tmp_path, where):
     }[where]
     before = {p: snapshot(p) for p in src.rglob("*") if p.is_file()}
     listing = files_under(root)
-    proc = run_cli("convert", str(given), "--format", "nf4", "--out", str(out), "--quiet", "--overwrite")
+    proc = cli("convert", str(given), "--format", "nf4", "--out", str(out), "--quiet", "--overwrite")
     assert_one_line_error(proc, "--out")
     assert {p: snapshot(p) for p in src.rglob("*") if p.is_file()} == before
     assert files_under(root) == listing
@@ -388,7 +394,7 @@ def test_card_fields_from_the_source_are_escaped(tiny_fp8, tmp_path):
 @pytest.mark.parametrize("bad", ["evil](javascript:alert(1))", "a/b/c", "owner/name\n# x", "../etc"])
 def test_base_model_must_be_a_repo_id(tiny_fp8, tmp_path, bad):
     out = tmp_path / "o"
-    proc = run_cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--base-model", bad)
+    proc = cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--base-model", bad)
     assert_one_line_error(proc, "--base-model")
     assert "is not a Hugging Face repo id" in proc.stderr
     assert not out.exists()
@@ -399,7 +405,7 @@ def test_base_model_must_be_a_repo_id(tiny_fp8, tmp_path, bad):
 @pytest.mark.parametrize("fmt", ["q8_0", "f16", "nf4"])
 def test_imatrix_on_a_format_that_ignores_it_is_an_error(tiny_fp8, tmp_path, fmt):
     out = tmp_path / "o"
-    proc = run_cli("convert", str(tiny_fp8), "--format", fmt, "--out", str(out), "--imatrix", "ones", "--quiet")
+    proc = cli("convert", str(tiny_fp8), "--format", fmt, "--out", str(out), "--imatrix", "ones", "--quiet")
     assert_one_line_error(proc, "--imatrix")
     assert not out.exists()
 
@@ -435,7 +441,7 @@ def test_lock_file_link_is_refused(tiny_fp8, tmp_path, victim):
     out.mkdir()
     (out / LOCK_NAME).symlink_to(victim)
     before = snapshot(victim)
-    proc = run_cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet")
+    proc = cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet")
     assert_one_line_error(proc, "is a symbolic link")
     assert snapshot(victim) == before
 
