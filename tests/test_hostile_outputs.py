@@ -28,15 +28,20 @@ GGUF = "ideogram4-Q8_0.gguf"
 UNCOND_GGUF = "ideogram4-uncond-Q8_0.gguf"
 
 # The CLI with each GGUF chunk write slowed down: a real conversion that is still writing
-# when the test acts on it (a signal, a second run).
+# when the test acts on it (a signal, a second run). The second file's chunks take
+# SECOND_FILE_DELAY seconds each: a window no busy machine closes before the signal lands.
 SLOW_CLI = (
-    "import sys, time\n"
+    "import os, sys, time\n"
     "import ideoquant.io.gguf_writer as w\n"
-    "real = w.GGUFStreamWriter.write_chunk\n"
+    "files = []\n"
+    "real_init, real_write = w.GGUFStreamWriter.__init__, w.GGUFStreamWriter.write_chunk\n"
+    "def init(self, *args, **kwargs):\n"
+    "    files.append(1)\n"
+    "    real_init(self, *args, **kwargs)\n"
     "def slow(self, data):\n"
-    "    time.sleep(0.02)\n"
-    "    return real(self, data)\n"
-    "w.GGUFStreamWriter.write_chunk = slow\n"
+    "    time.sleep(0.02 if len(files) < 2 else float(os.environ.get('SECOND_FILE_DELAY', '0.02')))\n"
+    "    return real_write(self, data)\n"
+    "w.GGUFStreamWriter.__init__, w.GGUFStreamWriter.write_chunk = init, slow\n"
     "from ideoquant.cli import main\n"
     "sys.argv[0] = 'ideoquant'\n"
     "main()\n"
@@ -56,10 +61,10 @@ def default_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def start_slow_convert(*args: str) -> subprocess.Popen:
+def start_slow_convert(*args: str, second_file_delay: float = 0.02) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", SLOW_CLI, "convert", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=default_signals,
+        preexec_fn=default_signals, env={**os.environ, "SECOND_FILE_DELAY": str(second_file_delay)},
     )
 
 
@@ -167,7 +172,8 @@ def test_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_fp
         second = run_cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet", "--overwrite")
         assert_one_line_error(second, "is in use by another ideoquant run")
         assert f"pid {first.pid}" in second.stderr
-        assert (out / f"{GGUF}.partial").exists()  # the refused run removed nothing of the first
+        assert first.poll() is None  # refused while the first still runs (stopped mid-run)
+        assert any(p.endswith(".partial") or p.endswith(".gguf") for p in files_under(out))  # nothing of it removed
     finally:
         first.send_signal(signal.SIGCONT)
         stdout, stderr = first.communicate(timeout=600)
@@ -335,7 +341,7 @@ def test_out_and_source_may_not_contain_each_other(tiny_fp8, tmp_path, where):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_mid_write_ends_the_run_cleanly_and_a_rerun_works(tiny_fp8, tmp_path, sig):
     out = tmp_path / "o"
-    proc = start_slow_convert(str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet")
+    proc = start_slow_convert(str(tiny_fp8), "--format", "q8_0", "--out", str(out), "--quiet", second_file_delay=1.0)
     # The second branch's staging file: the first branch's file is finished by then.
     wait_for(out / f"{UNCOND_GGUF}.partial", proc)
     assert (out / GGUF).exists()
@@ -407,6 +413,14 @@ def test_imatrix_on_a_format_that_ignores_it_is_an_error(tiny_fp8, tmp_path, fmt
     out = tmp_path / "o"
     proc = cli("convert", str(tiny_fp8), "--format", fmt, "--out", str(out), "--imatrix", "ones", "--quiet")
     assert_one_line_error(proc, "--imatrix")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "nf4"])
+def test_clamp_overflow_on_a_format_without_f16_tensors_is_an_error(tiny_fp8, tmp_path, fmt):
+    out = tmp_path / "o"
+    proc = cli("convert", str(tiny_fp8), "--format", fmt, "--out", str(out), "--clamp-overflow", "--quiet")
+    assert_one_line_error(proc, "--clamp-overflow applies to")
     assert not out.exists()
 
 

@@ -71,6 +71,8 @@ def write_gguf_branch(
     choices = gguf_tensor_types(bs.dims, options.fmt)
     if options.imatrix is not None and not any(ggml_type(c.qtype).uses_imatrix for c in choices):
         raise IdeoquantError(f"--imatrix has no effect on {options.fmt} (only q4_0 and the K-quants use one); leave it out")
+    if options.clamp_overflow and not any(c.qtype in CLAMP_LIMITS for c in choices):
+        raise IdeoquantError(f"--clamp-overflow applies to f16/bf16 tensors; {options.fmt} stores none")
     path = options.out / gguf_file_name(bs.branch, options.fmt)
     outputs.claim(path)
     ensure_free_space(options.out, sum(tensor_nbytes(c) for c in choices))
