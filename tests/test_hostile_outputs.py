@@ -254,15 +254,14 @@ def test_huge_fp8_scale_overflowing_float32_is_an_error(edit_source, tmp_path, f
 def test_int8_overflow_is_an_error(edit_source, tiny_fp8, tmp_path):
     from ideoquant.calibrate.run import calibrate
 
-    stats = tmp_path / "stats.safetensors"
-    calibrate(tiny_fp8, stats, synthetic=True, steps=1, resolution=32, synthetic_inputs=1, text_tokens=4,
-              max_samples=16, quiet=True)
-
     def huge(t):
         t["layers.1.attention.o.weight_scale"] = torch.full_like(t["layers.1.attention.o.weight_scale"], 1e38)
         return t
 
     src = edit_source(huge, branch="unconditional_transformer")
+    stats = tmp_path / "stats.safetensors"  # statistics of this very source, as convert demands
+    calibrate(src, stats, synthetic=True, steps=1, resolution=32, synthetic_inputs=1, text_tokens=4,
+              max_samples=16, quiet=True)
     out = tmp_path / "o"
     proc = run_cli("convert", str(src), "--format", "int8", "--calibration", str(stats), "--out", str(out), "--quiet")
     assert_one_line_error(proc, "source values overflow float32 when decoded")
