@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -32,24 +35,71 @@ def _setup_logging(quiet: bool = False) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal, raised where the program is so that every cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Signals that end a run the way Ctrl-C does: staged and finished outputs removed, one line.
+ENDING_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+def _on_signal(signum, frame) -> None:
+    # A second signal must not cut the cleanup of the first short.
+    for s in ENDING_SIGNALS:
+        if signal.getsignal(s) is _on_signal:
+            signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _ending_signals_raise():
+    """While a command runs, SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # A signal ignored when the command started (`nohup`, a background job) stays ignored.
+    previous = {s: h for s in ENDING_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
+    for s in previous:
+        signal.signal(s, _on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _echo_error(text: str) -> None:
+    try:
+        click.echo(printable(f"error: {text}"), err=True)
+    except OSError:  # the terminal went away (SIGHUP): the exit status still tells
+        pass
+
+
 def one_line_errors(func):
-    """Turn project errors (and interrupts, full disks, memory exhaustion) into one line and a non-zero exit."""
+    """Turn project errors (and interrupts, termination signals, full disks, memory exhaustion)
+    into one line and a non-zero exit."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with _ending_signals_raise():
+                return func(*args, **kwargs)
         except IdeoquantError as e:
-            click.echo(f"error: {printable(str(e))}", err=True)
+            _echo_error(str(e))
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; partial outputs removed", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            _echo_error(f"interrupted ({signal.Signals(signum).name}); partial outputs removed")
+            sys.exit(128 + int(signum))
         except MemoryError:
-            click.echo("error: out of memory", err=True)
+            _echo_error("out of memory")
             sys.exit(1)
         except OSError as e:
-            click.echo(printable(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}"), err=True)
+            _echo_error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
             sys.exit(1)
 
     return wrapper
@@ -121,12 +171,16 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--layout", type=click.Choice(LAYOUTS), default=DEFAULT_LAYOUT, show_default=True,
               help="INT8/NF4 tensor names.")
 @click.option("--base-model", default=None, help="Hub id of the source, for the model card.")
+@click.option("--clamp-overflow", is_flag=True,
+              help="GGUF f16/bf16 tensors: store values beyond the type's range as its largest value "
+                   "(counted in the report and card) instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, calibration: Path | None,
             alpha: float | None, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
-            double_quant: bool, layout: str, base_model: str | None, overwrite: bool, quiet: bool) -> None:
+            double_quant: bool, layout: str, base_model: str | None, clamp_overflow: bool, overwrite: bool,
+            quiet: bool) -> None:
     """Convert SRC (folder, file or Hub repo id) to FORMAT under OUT, then verify it."""
     from .export.convert import convert as run_convert
     from .export.options import ConvertOptions
@@ -142,7 +196,7 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
         fmt=fmt, out=out, branches=branches, overwrite=overwrite, quiet=quiet, imatrix=imatrix,
         calibration=calibration, alpha=alpha, protect_budget=budget, protect=protect,
         protect_patterns=protect_patterns, all_linears=all_linears, double_quant=double_quant, layout=layout,
-        base_model=base_model,
+        base_model=base_model, clamp_overflow=clamp_overflow,
     )
     results = run_convert(src, options)
     click.echo(summary_table(results))

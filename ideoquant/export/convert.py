@@ -15,7 +15,7 @@ from typing import Callable
 from ..errors import IdeoquantError
 from ..io.memory import reuse_freed_memory
 from ..io.source import open_source
-from ..io.staging import OutputSet
+from ..io.staging import OutputSet, check_apart
 from ..recipes.formats import ALL_FORMATS, is_gguf_format
 from .options import BranchResult, BranchWriter, ConvertOptions, Progress
 
@@ -42,14 +42,24 @@ def branch_writer(fmt: str) -> BranchWriter:
 def convert(src: str, options: ConvertOptions, on_branch_done: Callable[[BranchResult], None] | None = None) -> list[BranchResult]:
     """Convert the selected branches of SRC to one format under options.out."""
     writer = branch_writer(options.fmt)
+    if options.imatrix is not None and not is_gguf_format(options.fmt):
+        raise IdeoquantError(f"--imatrix applies to GGUF q4_0 and K-quant formats, not {options.fmt}")
+    if options.clamp_overflow and not is_gguf_format(options.fmt):
+        raise IdeoquantError(f"--clamp-overflow applies to GGUF f16/bf16 tensors, not {options.fmt}")
+    if options.base_model is not None:
+        from .model_card import check_repo_id
+
+        check_repo_id(options.base_model, "--base-model")
     reuse_freed_memory()
     source = open_source(src, options.branches)
+    check_apart(options.out, source.root, [f.path for bs in source.branches.values() for f in bs.files])
     outputs = OutputSet(overwrite=options.overwrite)
     results: list[BranchResult] = []
     # Hash the sources in the background: the second branch's checksum is ready by the
     # time its header is written (hashing releases the GIL).
     threading.Thread(target=lambda: [bs.checksum() for bs in source.branches.values()], daemon=True).start()
-    try:
+    # One run at a time per output folder; a failure anywhere removes what this run made.
+    with outputs.locked(options.out):
         for branch, bs in source.branches.items():
             t0 = time.perf_counter()
             progress = Progress(branch, sum(bs.stored_nbytes(n) for n in bs.specs), options.quiet)
@@ -65,9 +75,4 @@ def convert(src: str, options: ConvertOptions, on_branch_done: Callable[[BranchR
         from .model_card import write_model_card
 
         write_model_card(source, options, results, outputs)
-    except BaseException:
-        outputs.discard()
-        raise
     return results
-
-

@@ -34,6 +34,12 @@ from .options import (
 )
 
 ARCHITECTURE = "ideogram4"
+# Dense types --clamp-overflow applies to: (largest finite value, the magnitude from which
+# float32 values round to Inf: the largest value plus half its ulp).
+CLAMP_LIMITS = {
+    GGMLQuantizationType.F16: (65504.0, 65520.0),
+    GGMLQuantizationType.BF16: (float(torch.finfo(torch.bfloat16).max), float(torch.finfo(torch.bfloat16).max) + 2.0**119),
+}
 # Rows decoded again by the `gguf` package itself when verifying each tensor.
 VERIFY_ROWS = 8
 
@@ -63,6 +69,10 @@ def write_gguf_branch(
 ) -> BranchResult:
     """Quantize one branch to a GGUF file, streaming chunk by chunk, then verify it."""
     choices = gguf_tensor_types(bs.dims, options.fmt)
+    if options.imatrix is not None and not any(ggml_type(c.qtype).uses_imatrix for c in choices):
+        raise IdeoquantError(f"--imatrix has no effect on {options.fmt} (only q4_0 and the K-quants use one); leave it out")
+    if options.clamp_overflow and not any(c.qtype in CLAMP_LIMITS for c in choices):
+        raise IdeoquantError(f"--clamp-overflow applies to f16/bf16 tensors; {options.fmt} stores none")
     path = options.out / gguf_file_name(bs.branch, options.fmt)
     outputs.claim(path)
     ensure_free_space(options.out, sum(tensor_nbytes(c) for c in choices))
@@ -80,10 +90,13 @@ def write_gguf_branch(
         "ideoquant.imatrix": options.imatrix or "none",
         "ideoquant.recipe": json.dumps(recipe, separators=(",", ":")),
     }
+    if options.clamp_overflow:
+        metadata["ideoquant.clamp_overflow"] = "true"
     reports: list[TensorReport] = []
-    with outputs.writing(path) as tmp:
+    clamps: dict[str, int] = {}
+    with outputs.writing(path) as staged:
         infos = [(c.name, c.shape, c.qtype, tensor_nbytes(c)) for c in choices]
-        writer = GGUFStreamWriter(tmp, ARCHITECTURE, metadata, infos)
+        writer = GGUFStreamWriter(staged.file, ARCHITECTURE, metadata, infos)
         try:
             for c in choices:
                 progress.start(c.name)
@@ -91,26 +104,38 @@ def write_gguf_branch(
                 imatrix = None
                 if cls.uses_imatrix and len(c.shape) == 2:
                     imatrix = importance(c.name.rsplit(".", 1)[0], c.shape[1])
-                meter = ErrorMeter()
+                limit = CLAMP_LIMITS.get(c.qtype)
+                hint = f"; --clamp-overflow stores them as ±{limit[0]:g}" if limit and not options.clamp_overflow else ""
+                meter = ErrorMeter(c.name, c.qtype.name, hint)
+                clamped = 0
                 writer.begin_tensor(c.name)
                 for rows in bs.iter_float32_rows(c.name):
-                    data = cls.quantize_rows(rows, imatrix)
+                    stored = rows
+                    if limit is not None and options.clamp_overflow:
+                        over = int(torch.count_nonzero(rows.abs() >= limit[1]))
+                        if over:
+                            stored, clamped = rows.clamp(-limit[0], limit[0]), clamped + over
+                    data = cls.quantize_rows(stored, imatrix)
                     writer.write_chunk(data.numpy())
-                    meter.add(cls.dequantize_rows(data), rows)
+                    meter.add(cls.dequantize_rows(data), rows)  # the error of the clamp counts
                 writer.end_tensor()
-                reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative()))
+                note = ""
+                if clamped:
+                    clamps[c.name] = clamped
+                    note = f"{clamped} values beyond the {c.qtype.name} range stored as ±{limit[0]:g} (--clamp-overflow)"
+                reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative(), note))
                 progress.advance(bs.stored_nbytes(c.name))
             digest = writer.finish()
         finally:
             writer.close()
         # The sha256 of the stream as written goes into the card; `ideoquant verify` checks
         # the file against it. Here: structure, and the gguf package decoding every tensor.
-        verify_gguf_file(tmp, choices)
+        verify_gguf_file(staged.path, choices)
     return BranchResult(
         branch=bs.branch,
         files=[path],
         tensors=reports,
-        recipe={"types": recipe, "imatrix": options.imatrix or "none"},
+        recipe={"types": recipe, "imatrix": options.imatrix or "none", **({"clamped": clamps} if clamps else {})},
         source_checksum=str(metadata["ideoquant.source.checksum"]),
         source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
         file_sha256={str(path): digest},

@@ -38,6 +38,7 @@ from ..model.inventory import (
 )
 from ..recipes.formats import check_layout
 from ..recipes.int8_policy import parse_protect_budget
+from .error_meter import ErrorMeter, require_finite
 from .options import (
     BranchResult,
     ConvertOptions,
@@ -111,9 +112,9 @@ def output_plan(dims: ModelDims, recipe: Int8Recipe, layout: str) -> list[Planne
     return plan
 
 
-def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    den = float(exact.square().sum(dtype=torch.float64))
-    return (float((approx.to(torch.float32) - exact).square().sum(dtype=torch.float64)) / den) ** 0.5 if den else 0.0
+def _relative_error(name: str, stored_as: str, approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """The relative error of a stored tensor, decoded, against its source; Inf/NaN refused."""
+    return ErrorMeter(name, stored_as).add(approx.to(torch.float32), exact).relative()
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _stream(
             part = part.contiguous()
             if dtypes[name] == torch.int8:
                 q, scale = quantize_weight_per_channel(part)
-                err = _relative_error(dequantize_weight(q, scale), part)
+                err = _relative_error(name, "int8 with a float32 scale", dequantize_weight(q, scale), part)
                 scale_name = name[: -len(".weight")] + ".weight_scale"
                 written.reports.append(TensorReport(name, tuple(q.shape), "int8", q.numel(), err, "W8A8, per-channel int8"))
                 written.reports.append(
@@ -146,13 +147,13 @@ def _stream(
                 yield scale_name, scale
                 continue
             out = part.to(dtypes[name])
-            if spec.kind == "linear":
-                note, err = "kept: " + recipe.kept.get(spec.module, ""), _relative_error(out, part)
-            elif spec.name in folded:
-                note, err = "SmoothQuant fold target (float32 keeps the fold exact)", None
-            else:
-                note, err = "", None
             kind = DTYPE_NAMES[out.dtype]
+            if spec.kind == "linear":
+                note, err = "kept: " + recipe.kept.get(spec.module, ""), _relative_error(name, kind, out, part)
+            else:
+                note = "SmoothQuant fold target (float32 keeps the fold exact)" if spec.name in folded else ""
+                err = None
+                require_finite(name, kind, out, part)
             written.reports.append(TensorReport(name, tuple(out.shape), kind, out.numel() * out.element_size(), err, note))
             yield name, out
         if progress is not None:
@@ -195,6 +196,8 @@ def write_factors(recipe: Int8Recipe, out: Path, branch: str, outputs: OutputSet
     }
     metadata = {"format": "pt", "ideoquant.branch": branch, "ideoquant.smoothquant.folds": json.dumps(folds, sort_keys=True)}
     tensors = {name: s.to(torch.float32).contiguous() for name, s in recipe.factors.items()}
+    for name, s in tensors.items():
+        require_finite(f"SmoothQuant factor {name}", "F32", s)
     save_safetensors(outputs, path, tensors, metadata)
     return path
 

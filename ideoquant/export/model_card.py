@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +111,17 @@ class LicenseInfo:
     files: list[Path]
 
 
+def check_repo_id(repo_id: str, what: str = "repo id") -> str:
+    """A Hub repo id (`owner/name` or `name`), or a one-line error."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise IdeoquantError(f"{what} {repo_id!r} is not a Hugging Face repo id (owner/name)") from None
+    return repo_id
+
+
 def _source_folders(source: "Source") -> list[Path]:
     """Where a source's card and licence may lie: the pipeline folder (above a lone branch or file)."""
     root = source.root if source.root.is_dir() else source.root.parent
@@ -118,31 +131,118 @@ def _source_folders(source: "Source") -> list[Path]:
     return folders
 
 
+def _source_extent(source: "Source", folder: Path) -> Path:
+    """The folder a source file must really lie in: the folder itself, or for a Hub snapshot
+    (whose files link into the repo's blob store) the repo's cache folder."""
+    real = folder.resolve()
+    if source.repo_id and real.parent.name == "snapshots":
+        return real.parent.parent
+    return real
+
+
+def _open_source_file(source: "Source", path: Path):
+    """An open binary file for `path` when it is a regular file that really lies inside the
+    source (links are followed only within it); None otherwise."""
+    if not os.path.lexists(path):
+        return None
+    folder = path.parent
+    real = path.resolve()
+    if not real.is_relative_to(_source_extent(source, folder)):
+        log.warning("%s leads outside the source; not copied", path)
+        return None
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        log.warning("%s is not a regular file; not copied", path)
+        return None
+    return os.fdopen(fd, "rb")
+
+
 def read_source_card(source: "Source") -> ModelCard | None:
     """The source's own model card, when it has one with readable front matter."""
     for folder in _source_folders(source):
+        fh = _open_source_file(source, folder / CARD_NAME)
+        if fh is None:
+            continue
         path = folder / CARD_NAME
-        if path.is_file():
-            try:
-                return ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=True)
-            except Exception as e:  # YAML errors come in several types; a bad card only loses the licence fields
-                log.warning("%s: unreadable front matter (%s); licence fields not carried", path, str(e).splitlines()[0])
-                return None
+        try:
+            with fh:
+                text = fh.read(MAX_SOURCE_CARD_BYTES).decode("utf-8", errors="replace")
+            return ModelCard(text, ignore_metadata_errors=True)
+        except Exception as e:  # YAML errors come in several types; a bad card only loses the licence fields
+            log.warning("%s: unreadable front matter (%s); licence fields not carried", path, str(e).splitlines()[0])
+            return None
     return None
+
+
+def _license_files(source: "Source") -> list[Path]:
+    """The nearest folder's LICENSE files that are regular files inside the source."""
+    for folder in _source_folders(source):
+        files = []
+        for p in sorted(folder.glob("LICENSE*")):
+            fh = _open_source_file(source, p)
+            if fh is not None:
+                fh.close()
+                files.append(p)
+        if files:  # the nearest folder's licence only, not also its parent's
+            return files
+    return []
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_URL_RE = re.compile(r"^https?://[^\s<>\"'`()\[\]{}\\|^]+$")
+MAX_FIELD_CHARS = 200
+MAX_SOURCE_CARD_BYTES = 1 << 20
+
+
+def clean_field(value: Any) -> str | None:
+    """A card field from a source as one line of plain text (control characters become spaces)."""
+    if value is None:
+        return None
+    text = " ".join(_CONTROL_RE.sub(" ", str(value)).split())[:MAX_FIELD_CHARS]
+    return text or None
+
+
+def clean_link(value: Any, license_files: list[Path]) -> str | None:
+    """A licence link kept only when it is an http(s) URL or the name of a copied LICENSE file."""
+    text = clean_field(value)
+    if text is None:
+        return None
+    if _URL_RE.match(text) or text in {p.name for p in license_files}:
+        return text
+    log.warning("licence link %r from the source card is not an http(s) URL or a LICENSE file; left out", text[:60])
+    return None
+
+
+def markdown_text(value: Any) -> str:
+    """Plain text safe inside a Markdown paragraph: every punctuation mark that Markdown or
+    HTML gives a meaning is backslash-escaped."""
+    return re.sub(r"([\\`*_{}\[\]()<>#+\-.!|~&:\"'=@$%^])", r"\\\1", clean_field(value) or "")
+
+
+_FILE_LINK_RE = re.compile(r"^[\w][\w.-]*$")
+
+
+def markdown_link(link: str) -> str:
+    """A checked licence link as Markdown: an autolink for a URL, a relative link for a file."""
+    if _URL_RE.match(link):
+        return f"<{link}>"
+    if _FILE_LINK_RE.match(link):
+        return f"[{markdown_text(link)}]({link})"
+    return markdown_text(link)
 
 
 def source_license(source: "Source", base_model: str | None) -> LicenseInfo:
     """Licence fields from the source's card, and its LICENSE files (Ideogram 4's licence is `other`)."""
-    files: list[Path] = []
-    for folder in _source_folders(source):
-        files = [p for p in sorted(folder.glob("LICENSE*")) if p.is_file()]
-        if files:  # the nearest folder's licence only, not also its parent's
-            break
+    files = _license_files(source)
     card = read_source_card(source)
     data = card.data if card is not None else None
-    license_id = getattr(data, "license", None) or "other"
-    name = getattr(data, "license_name", None)
-    link = getattr(data, "license_link", None)
+    license_id = clean_field(getattr(data, "license", None)) or "other"
+    name = clean_field(getattr(data, "license_name", None))
+    link = clean_link(getattr(data, "license_link", None), files)
     if license_id == "other":
         if card is None:
             log.warning("the source has no model card: licence fields point at the base model; check them before publishing")
@@ -428,6 +528,11 @@ def render_card(report: dict, license_info: LicenseInfo) -> ModelCard:
         },
         gguf_cond=gguf.get("transformer", "<conditional .gguf>"),
         gguf_uncond=gguf.get("unconditional_transformer", "<unconditional .gguf>"),
+        # Text from the source goes into the Markdown body escaped (the front matter is YAML-quoted).
+        license_name_md=markdown_text(license_info.license_name) if license_info.license_name else "",
+        license_link_md=markdown_link(license_info.license_link) if license_info.license_link else "",
+        license_md=markdown_text(license_info.license),
+        source_name_md=markdown_text(report["source"]["name"]),
     )
     # Jinja leaves runs of blank lines around skipped blocks; Markdown needs at most one.
     card.text = "\n" + re.sub(r"\n{3,}", "\n\n", card.text).strip() + "\n"
@@ -442,8 +547,11 @@ def write_model_card(source: "Source", options: "ConvertOptions", results: list[
         log.warning("no base model id for the card (local source): pass --base-model to name the Hub repo it came from")
     license_info = source_license(source, base_model)
     for lic in license_info.files:
-        with outputs.writing(out / lic.name) as tmp:
-            shutil.copyfile(lic, tmp)
+        fh = _open_source_file(source, lic)
+        if fh is None:
+            raise IdeoquantError(f"{lic} changed while converting; not copied")
+        with fh, outputs.writing(out / lic.name) as staged:
+            shutil.copyfileobj(fh, staged.file)
     out_root = out.resolve()
     files = [p for p in outputs.created if p.name not in (CARD_NAME, REPORT_NAME) and p.resolve().is_relative_to(out_root)]
     report = build_report(source, options, results, files, base_model)

@@ -249,7 +249,7 @@ class NF4Encoder(BlockStream):
     """Quantizes one weight piece by piece into its packed codes and absmax, measuring the
     relative error of what the file decodes to (double-quantized absmax included)."""
 
-    def __init__(self, numel: int, offset: torch.Tensor | None) -> None:
+    def __init__(self, numel: int, offset: torch.Tensor | None, name: str | None = None) -> None:
         super().__init__(NF4_BLOCKSIZE if offset is None else DOUBLE_QUANT_UNIT)
         blocks = -(-numel // NF4_BLOCKSIZE)
         self.numel = numel
@@ -260,7 +260,7 @@ class NF4Encoder(BlockStream):
             self.codes = torch.empty(blocks, dtype=torch.uint8)
             self.nested_absmax = torch.empty(-(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32)
             self.quant_map = dynamic_quant_map()
-        self.meter = ErrorMeter()
+        self.meter = ErrorMeter(name, "NF4")
         self.done = 0
 
     def consume(self, segment: torch.Tensor) -> None:
@@ -304,9 +304,9 @@ class NF4Encoder(BlockStream):
 class DenseCast:
     """Assembles a tensor kept unquantized in the output dtype from flat pieces, measuring the cast's error."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, name: str | None = None) -> None:
         self.out = torch.empty(shape, dtype=dtype)
-        self.meter = ErrorMeter()
+        self.meter = ErrorMeter(name, DTYPE_NAMES[dtype])
         self.done = 0
 
     def push(self, piece: torch.Tensor) -> None:
@@ -384,9 +384,9 @@ def _stream(
         dense: dict[str, DenseCast] = {}
         for part in group:
             if part.quantized:
-                encoders[part.name] = NF4Encoder(part.numel, offsets[part.name] if offsets is not None else None)
+                encoders[part.name] = NF4Encoder(part.numel, offsets[part.name] if offsets is not None else None, part.name)
             else:
-                dense[part.name] = DenseCast(part.shape, compute_dtype)
+                dense[part.name] = DenseCast(part.shape, compute_dtype, part.name)
         for part, piece in part_pieces(bs, spec, group):
             if part.quantized:
                 encoders[part.name].push(piece)

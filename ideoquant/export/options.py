@@ -37,6 +37,7 @@ class ConvertOptions:
     layout: str = DEFAULT_LAYOUT  # INT8/NF4 tensor names: diffusers or fused
     compute_dtype: str = "bfloat16"
     base_model: str | None = None
+    clamp_overflow: bool = False  # GGUF F16/BF16: values beyond the type's range stored as its largest value
     max_shard_bytes: int = 10 * 2**30
 
 

@@ -9,12 +9,14 @@ computed on the way and checked again by the verification pass.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.gguf_writer import WriterState
 
 ALIGNMENT = 32
 _QUEUED_CHUNKS = 3
@@ -23,9 +25,10 @@ _QUEUED_CHUNKS = 3
 class GGUFStreamWriter:
     """Writes one GGUF v3 file whose tensors are known up front and arrive chunk by chunk."""
 
-    def __init__(self, path: Path, arch: str, metadata: dict[str, str | int],
+    def __init__(self, fout: BinaryIO, arch: str, metadata: dict[str, str | int],
                  tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]]):
-        w = GGUFWriter(path, arch=arch)
+        """`fout`: a new, empty binary file opened for writing (and reading), e.g. a staged file."""
+        w = GGUFWriter(None, arch=arch)
         for key, value in metadata.items():
             if key in ("general.file_type", "general.quantization_version"):
                 continue
@@ -43,13 +46,17 @@ class GGUFStreamWriter:
         for name, shape, qtype, nbytes in tensors:
             # A non-uint8 dtype keeps `shape` as the logical torch shape; gguf reverses it to ggml order.
             w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        # The file is the caller's (created exclusively, never reopened by name): gguf writes
+        # into an output already open when no path is given.
+        w.fout = [fout]
+        w.state = WriterState.EMPTY
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         w.fout[0].flush()
         self._gguf = w
         self.fout = w.fout[0]
-        self.sha256 = hashlib.sha256(Path(path).read_bytes()[: self.fout.tell()])
+        self.sha256 = hashlib.sha256(os.pread(self.fout.fileno(), self.fout.tell(), 0))
         self.position = self.fout.tell()
         self.order = [t[0] for t in tensors]
         self.sizes = {t[0]: t[3] for t in tensors}

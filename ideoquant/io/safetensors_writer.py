@@ -150,8 +150,8 @@ class ShardedSafetensorsOutput:
         """Consume an iterator of (name, tensor) in plan order and finish every file."""
         it = iter(tensors)
         for shard, path in zip(self.shards, self.paths):
-            with self.outputs.writing(path) as tmp, open(tmp, "wb") as fh:
-                writer = SafetensorsWriter(fh, shard, self.metadata)
+            with self.outputs.writing(path) as staged:
+                writer = SafetensorsWriter(staged.file, shard, self.metadata)
                 while not writer.finished():
                     try:
                         name, tensor = next(it)
@@ -200,7 +200,7 @@ class ShardedSafetensorsOutput:
 def save_safetensors(outputs: OutputSet, path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Write a small dict of tensors as one safetensors file, atomically."""
     plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    with outputs.writing(path) as tmp, open(tmp, "wb") as fh:
-        writer = SafetensorsWriter(fh, plan, metadata)
+    with outputs.writing(path) as staged:
+        writer = SafetensorsWriter(staged.file, plan, metadata)
         for n, t in tensors.items():
             writer.write(n, t)
