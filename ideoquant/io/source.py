@@ -1,4 +1,4 @@
-"""Stage 1: read the source weights, one tensor at a time, from memory-mapped safetensors.
+"""Stage 1: read the source weights, one tensor at a time, from safetensors files.
 
 One reader serves every output format. It accepts a pipeline folder, a branch folder, a
 single `.safetensors` file, a sharded checkpoint with its index, or a Hub repo id; detects

@@ -96,8 +96,8 @@ def read_config(folder: Path, required: bool = False) -> dict | None:
 class TensorFolder(Mapping):
     """The tensors of one or more safetensors files by name, a common name prefix stripped.
 
-    A name stored twice is an error. Values are `StoredTensor` locations; `read` maps one
-    tensor's bytes without copying.
+    A name stored twice is an error. Values are `StoredTensor` locations; `read` reads one
+    tensor's bytes.
     """
 
     def __init__(self, files: list[SafetensorsFile], origin: str, prefix: str | None = None) -> None:
