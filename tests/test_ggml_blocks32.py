@@ -155,13 +155,13 @@ def test_signed_absmax_takes_the_first_of_tied_magnitudes():
 REF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 
-def _tiled_reference(qtype: str, blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every n512 ggml reference input and its `qtype` output without an importance matrix,
-    tiled to at least `blocks` 32-weight blocks."""
+def _tiled_reference(qtype: str, blocks: int, path: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Every n512 ggml reference input and its `qtype` output (`path`: "" or an importance
+    matrix suffix), tiled to at least `blocks` 32-weight blocks."""
     with np.load(DATA) as z:
         cases = sorted({k.split("/")[1] for k in z.files if k.startswith("n512/") and k.endswith(f"/{qtype}")})
         rows = np.concatenate([z[f"n512/{c}/input"] for c in cases])
-        want = np.concatenate([z[f"n512/{c}/{qtype}"] for c in cases])
+        want = np.concatenate([z[f"n512/{c}/{qtype}{path}"] for c in cases])
     reps = -(-blocks * 32 // rows.size) + 1
     return np.tile(rows, (reps, 1)), np.tile(want, (reps, 1))
 
@@ -245,3 +245,18 @@ def test_a_compiled_ref_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
         assert "compiled Q4_1 kernel not used" in caplog.text
     finally:
         ref32_kernel.compiled_encoder.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("path", ["+imatrix_ones", "+imatrix_random"])
+def test_compiled_q5_0_search_matches_ggml(path, monkeypatch):
+    """Q5_0 with an importance matrix: ggml's bytes with make_qx_quants' sums compiled."""
+    rows, want = _tiled_reference("Q5_0", 2 * ref32_kernel.qx_bucket_blocks(), path)
+    with np.load(DATA) as z:
+        imatrix = torch.ones(512) if path == "+imatrix_ones" else torch.from_numpy(z["n512/imatrix_random"])
+    used = []
+    real = ref32_kernel._qx_run
+    monkeypatch.setattr(ref32_kernel, "_qx_run", lambda step, *a: used.append(step is not ref32_kernel.qx_candidate_sums) or real(step, *a))
+    got = ggml_type("Q5_0").quantize_rows(torch.from_numpy(rows), imatrix).numpy()
+    assert any(used), "the compiled kernel was not used"
+    assert np.array_equal(got, want)

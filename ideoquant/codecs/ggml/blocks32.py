@@ -364,6 +364,11 @@ class _RowSigmaBlock32(GGMLType):
     fused_search: ClassVar[bool] = False
 
     @classmethod
+    def _search_bucket(cls) -> int | None:
+        """Blocks per chunk of the compiled search with an importance matrix, or None (eager)."""
+        return _qkx_bucket() if cls.fused_search else None
+
+    @classmethod
     def _encode_ref(cls, blocks: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -418,8 +423,9 @@ class _RowSigmaBlock32(GGMLType):
             sigma2 = row_sum_squares(x) / float(k)
             w = (x * x).add_(sigma2.unsqueeze(1))
             w = qw[a:b] * exact_sqrt(w)
-            large = x.numel() // 32 >= 8 * fused_kernel.bucket_superblocks() // 4  # else not worth a padded bucket
-            bucket = _qkx_bucket() if cls.fused_search and large else None
+            bucket = cls._search_bucket()
+            if bucket is not None and x.numel() // 32 < bucket // 4:
+                bucket = None  # not worth a padded bucket
             enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), cls._encode_search, cls.type_size, bucket)
             out[a:b] = enc.view(b - a, -1)
         return out
@@ -461,8 +467,18 @@ class Q5_0(_RowSigmaBlock32):
         return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
 
     @classmethod
+    def prepare(cls) -> None:
+        super().prepare()
+        ref32_kernel.compiled_qx_sums(ref32_kernel.qx_bucket_blocks(), 16)
+
+    @classmethod
+    def _search_bucket(cls) -> int | None:
+        bucket = ref32_kernel.qx_bucket_blocks()
+        return bucket if ref32_kernel.compiled_qx_sums(bucket, 16) is not None else None
+
+    @classmethod
     def _encode_search(cls, x, w):
-        d, L = make_qx(_pos_major(x), _pos_major(w), 16, gapped=True)
+        d, L = ref32_kernel.make_qx_blocks(_pos_major(x), _pos_major(w), 16)
         L = ungap33(L).t().to(torch.uint8)
         return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
 
