@@ -76,8 +76,8 @@ def recipes(dims: ModelDims) -> dict[str, Int8Settings]:
     patterns = paper_patterns(dims.num_layers)
     paper_bytes = len(patterns) * dims.hidden * dims.intermediate * PROTECTED_BYTES_PER_WEIGHT
     return {
-        "plain": Int8Settings(smooth=False, protect_budget=None),
-        "paper": Int8Settings(alpha=0.5, protect_budget=None, protect_patterns=patterns),
+        "plain": Int8Settings(smooth=False, protect_budget=None, rounding="nearest"),
+        "paper": Int8Settings(alpha=0.5, protect_budget=None, protect_patterns=patterns, rounding="nearest"),
         "ideoquant": Int8Settings(protect_budget=ProtectBudget(nbytes=paper_bytes)),
         "default": Int8Settings(),
     }

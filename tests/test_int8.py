@@ -94,14 +94,15 @@ def test_config_validates_and_compressor_decompresses_exactly(converted):
     f = SafetensorsFile(folder / "diffusion_pytorch_model.safetensors")
     meta = json.loads(f.metadata[RECIPE_METADATA_KEY])
     assert meta["protected"] == recipe["protected"] and meta["linears"]["input_proj"]["error_plain"] is not None
-    # The compressor re-derives the int8 codes from the smoothed float weight and our scales,
-    # and decompresses our codes to exactly q * scale.
+    # The compressor decompresses our codes to exactly q * scale and compresses that back to
+    # the same codes; for error-feedback rounding the codes differ from its round-to-nearest of
+    # the smoothed float weight only where the rounding moved them, by a few steps.
     bs = source.branches["transformer"]
     saved = load_statistics(root / "stats.safetensors")
     gains = residual_gains(saved.energies["transformer"])
     plan = plan_int8(bs.dims, bs.read_float32, saved.branch("transformer"), Int8Settings(), gains)
     assert plan.protected == recipe["protected"]
-    checked = 0
+    checked = fed_back = 0
     for module in plan.quantized:
         canonical = module + ".weight"
         smoothed = plan.smooth_tensor(canonical, bs.read_float32(canonical))
@@ -111,10 +112,17 @@ def test_config_validates_and_compressor_decompresses_exactly(converted):
             assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (q.shape[0], 1)
             out = IntQuantizationCompressor.decompress({"weight": q, "weight_scale": scale}, scheme)
             assert torch.equal(out["weight"], q.float() * scale)
-            again = IntQuantizationCompressor.compress({"weight": part, "weight_scale": scale}, scheme)
-            assert torch.equal(again["weight"], q), name
+            back = IntQuantizationCompressor.compress({"weight": out["weight"], "weight_scale": scale}, scheme)
+            assert torch.equal(back["weight"], q), name
+            nearest = IntQuantizationCompressor.compress({"weight": part, "weight_scale": scale}, scheme)["weight"]
+            if plan.linears[module].rounding == "nearest":
+                assert torch.equal(nearest, q), name
+            else:
+                moved = (nearest.int() - q.int()).abs()
+                assert 0 < int((moved > 0).sum()) and int(moved.max()) <= 16, (name, int(moved.max()))
+                fed_back += 1
             checked += 1
-    assert checked >= 8
+    assert checked >= 8 and fed_back >= 8
 
 
 def test_tensor_types_and_reports(converted):

@@ -18,6 +18,7 @@ from ideoquant.export.smoothing import (
 from ideoquant.io.source import open_source
 from ideoquant.io.synthetic import write_synthetic_pipeline
 from ideoquant.model.build import transformer_from_tensors
+from ideoquant.recipes.int8_policy import ALPHA_FINALISTS, ALPHA_GRID, HELD_OUT_EVERY
 from ideoquant.recipes.linears import one_row_linears
 from ideoquant.recipes.smoothquant_map import smoothing_groups
 
@@ -109,17 +110,33 @@ def test_searched_alpha_is_the_best_measured(setup):
     source, stats = setup
     bs = source.branches["transformer"]
     branch_stats = stats.branch("transformer")
+    nearest = plan_int8(bs.dims, bs.read_float32, branch_stats, Int8Settings(protect=0, rounding="nearest"))
     recipe = plan_int8(bs.dims, bs.read_float32, branch_stats, Int8Settings(protect=0))
     for group in smoothing_groups(bs.dims):
         st = branch_stats[statistics_key(group.linears[0])]
         x = st.samples.float()
         weights = [bs.read_float32(m + ".weight") for m in group.linears]
         wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
-        chosen = sum(recipe.linears[m].error ** 2 for m in group.linears)
-        for alpha in (None, 0.3, 0.5, 0.9):
+        by_alpha = {}
+        for alpha in (None,) + ALPHA_GRID:
             s = None if alpha is None else smoothing_factors(st.absmax, wmax, alpha)
-            other = sum(w8a8_relative_error(x, w, s) ** 2 for w in weights)
-            assert chosen <= other * (1 + 1e-6), (group.name, alpha)
+            by_alpha[alpha] = sum(w8a8_relative_error(x, w, s) ** 2 for w in weights)
+        # Round to nearest: the best measured candidate.
+        assert sum(nearest.linears[m].error ** 2 for m in group.linears) == pytest.approx(min(by_alpha.values()), rel=1e-6)
+        # Error feedback: one of the best ALPHA_FINALISTS by round-to-nearest error, the one with
+        # the least error on the held-out rows.
+        finalists = sorted(by_alpha, key=lambda a: (by_alpha[a], a is not None))[:ALPHA_FINALISTS]
+        chosen = recipe.linears[group.linears[0]].alpha
+        assert chosen in finalists, (group.name, chosen, finalists)
+        fit, held = x[[i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1 for i in range(len(x))]], x[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
+        h = fit.double().t() @ fit.double() / len(fit)
+        held_out = {}
+        for alpha in finalists:
+            s = None if alpha is None else smoothing_factors(st.absmax, wmax, alpha)
+            held_out[alpha] = sum(w8a8_relative_error(held, w, s, None, h.float()) ** 2 for w in weights)
+        assert held_out[chosen] == pytest.approx(min(held_out.values()), rel=1e-6)
+        assert sum(recipe.linears[m].error ** 2 for m in group.linears) == pytest.approx(held_out[chosen], rel=1e-5)
+        assert all(recipe.linears[m].rounding == "error_feedback" for m in group.linears)
     # Inputs behind norms with outlier channels: smoothing must cut the error clearly.
     for m in ("layers.0.attention.qkv", "layers.1.feed_forward.w1", "llm_cond_proj"):
         c = recipe.linears[m]

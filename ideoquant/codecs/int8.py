@@ -85,3 +85,71 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     except RuntimeError:
         return _int_mm_fallback(a, w)
 
+
+
+# Columns per lazy-update block of the error-feedback rounding (the GPTQ paper's B).
+ERROR_FEEDBACK_BLOCK = 128
+# Damping of the inputs' second-moment matrix, as a fraction of its mean diagonal: the
+# calibration sample holds a few hundred rows, fewer than many linears have inputs, so the
+# matrix is rank-deficient and its small eigenvalues are noise.
+ERROR_FEEDBACK_DAMP = 0.3
+
+
+def input_second_moment(x: torch.Tensor) -> torch.Tensor:
+    """H = X^T X / rows (float64 accumulation, float32 result) of sample rows x [rows, in]."""
+    xf = x.to(torch.float64)
+    return (xf.t() @ xf / max(1, x.shape[0])).to(torch.float32)
+
+
+def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped H^-1 (dead input channels get a unit diagonal)."""
+    # float32 is enough: the damping bounds the condition number by about in / damp.
+    h = hessian.to(torch.float32).clone()
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    diag[dead] = 1.0
+    diag += damp * float(diag.mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def quantize_weight_error_feedback(
+    weight: torch.Tensor, hessian: torch.Tensor, damp: float = ERROR_FEEDBACK_DAMP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel int8 like `quantize_weight_per_channel` (same scales), with each column's
+    rounding error fed back into the columns not yet rounded (GPTQ, Frantar et al. 2022) so that
+    ||X W^T - X Q^T|| is small for inputs of second moment `hessian` [in, in]."""
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"second-moment matrix {list(hessian.shape)} does not fit a weight {list(weight.shape)}")
+    device = weight.device
+    # Columns in order of decreasing input energy: the loudest are rounded while every
+    # other column can still absorb their error.
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True).to(device)
+    inverse_order = torch.argsort(order)
+    u = _upper_inverse_cholesky(hessian.to(device)[order][:, order], damp)
+    q = torch.empty((out_features, in_features), dtype=torch.int8, device=device)
+    scale = torch.empty((out_features, 1), dtype=torch.float32, device=device)
+    step = max(1, QUANT_CHUNK_ELEMENTS // max(1, in_features))
+    for start in range(0, out_features, step):
+        rows = weight[start : start + step].to(torch.float32)
+        s = rows.abs().amax(dim=1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
+        w = rows[:, order].clone()
+        codes = torch.empty_like(w)
+        for c0 in range(0, in_features, ERROR_FEEDBACK_BLOCK):
+            c1 = min(c0 + ERROR_FEEDBACK_BLOCK, in_features)
+            block = w[:, c0:c1]
+            errors = torch.empty_like(block)
+            for i in range(c1 - c0):
+                column = block[:, i]
+                code = torch.round(column / s[:, 0]).clamp_(-INT8_MAX, INT8_MAX)
+                codes[:, c0 + i] = code
+                err = (column - code * s[:, 0]) / u[c0 + i, c0 + i]
+                block[:, i:] -= err[:, None] * u[c0 + i, c0 + i : c1][None, :]
+                errors[:, i] = err
+            w[:, c1:] -= errors @ u[c0:c1, c1:]
+        q[start : start + step] = codes[:, inverse_order].to(torch.int8)
+        scale[start : start + step] = s
+    return q, scale

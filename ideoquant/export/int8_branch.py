@@ -19,7 +19,7 @@ from ..calibrate.statistics import (
     load_statistics,
     residual_gains,
 )
-from ..codecs.int8 import dequantize_weight, quantize_weight_per_channel
+from ..codecs.int8 import dequantize_weight
 from ..errors import IdeoquantError
 from ..io.safetensors_writer import (
     DTYPE_NAMES,
@@ -133,10 +133,16 @@ def _stream(
             progress.start(spec.name)
         tensor = recipe.smooth_tensor(spec.name, bs.read_float32(spec.name))
         names = to_layout_names(spec.name, layout)
-        for name, part in zip(names, tensor.chunk(len(names), dim=0)):
+        codes = None
+        if dtypes[names[0]] == torch.int8:
+            # Rows are rounded independently (per-channel scales), so a fused weight is rounded
+            # whole and its codes split like the weight.
+            q_all, scale_all = recipe.quantize_linear(spec.module, tensor)
+            codes = list(zip(q_all.chunk(len(names), dim=0), scale_all.chunk(len(names), dim=0)))
+        for i, (name, part) in enumerate(zip(names, tensor.chunk(len(names), dim=0))):
             part = part.contiguous()
             if dtypes[name] == torch.int8:
-                q, scale = quantize_weight_per_channel(part)
+                q, scale = (c.contiguous() for c in codes[i])
                 err = _relative_error(name, "int8 with a float32 scale", dequantize_weight(q, scale), part)
                 scale_name = name[: -len(".weight")] + ".weight_scale"
                 written.reports.append(TensorReport(name, tuple(q.shape), "int8", q.numel(), err, "W8A8, per-channel int8"))

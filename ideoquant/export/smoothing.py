@@ -13,8 +13,15 @@ inference time:
 | feed_forward.w2       | the rows of feed_forward.w3         |
 | llm_cond_proj         | llm_cond_norm.weight                |
 
-Alpha is chosen per group by the W8A8 output error measured on the calibration sample
-rows (with "no smoothing" as one of the candidates). Every linear's remaining error,
+Weights are rounded with error feedback (`codecs.int8.quantize_weight_error_feedback`, GPTQ):
+same per-channel scales and plain int8 codes, each column's rounding error pushed into the
+columns not yet rounded, using the second moment of the (smoothed) calibration sample rows.
+
+Alpha is chosen per group in two rounds: the W8A8 output error with round-to-nearest weights
+on all sample rows ranks the candidates ("no smoothing" is one of them); the best few
+(`ALPHA_FINALISTS`) are then rounded with error feedback fitted on part of the rows and
+measured on the rows held out, so the choice rewards what generalizes, not what the fit
+memorized; a linear whose held-out error is lower with round-to-nearest keeps that. Every linear's remaining error (held-out, with the rounding it is written with),
 scaled to what it does to the residual stream (a block linear's branch adds only a
 fraction of the stream, measured during calibration), is its impact. Protection spends a
 budget of bf16 bytes (`recipes.int8_policy`): linears are taken by measured error reduction
@@ -32,12 +39,23 @@ from typing import Callable
 import torch
 
 from ..calibrate.statistics import LinearStatistics, statistics_key
-from ..codecs.int8 import int8_matmul, quantize_per_token, quantize_weight_per_channel
+from ..codecs.int8 import (
+    input_second_moment,
+    int8_matmul,
+    quantize_per_token,
+    quantize_weight_error_feedback,
+    quantize_weight_per_channel,
+)
 from ..errors import IdeoquantError
 from ..model.inventory import ModelDims, expected_tensors
 from ..recipes.int8_policy import (
+    ALPHA_FINALISTS,
     ALPHA_GRID,
     DEFAULT_PROTECT_BUDGET,
+    HELD_OUT_EVERY,
+    MAX_ERROR_FEEDBACK_INPUTS,
+    MIN_ROWS_FOR_HELD_OUT,
+    ROUNDINGS,
     MIN_ABSMAX,
     PROTECTED_BYTES_PER_WEIGHT,
     ProtectBudget,
@@ -88,20 +106,40 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     return torch.where(act_absmax > 0, s, torch.ones_like(s))
 
 
+def smoothed_second_moment(second_moment: torch.Tensor, factors: torch.Tensor | None) -> torch.Tensor:
+    """E[x'x'^T] of the smoothed inputs x' = x / s, from E[xx^T] of the raw ones."""
+    if factors is None:
+        return second_moment
+    return second_moment / (factors[:, None] * factors[None, :])
+
+
 def w8a8_relative_error(
-    x: torch.Tensor, weight: torch.Tensor, factors: torch.Tensor | None = None, reference: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    factors: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
+    second_moment: torch.Tensor | None = None,
 ) -> float:
-    """||Y_w8a8 - Y|| / ||Y|| of one linear on rows x, with the input smoothed by `factors` if given."""
+    """||Y_w8a8 - Y|| / ||Y|| of one linear on rows x, with the input smoothed by `factors` if given;
+    weights rounded to nearest, or with error feedback for inputs of `second_moment` (raw, unsmoothed)."""
     xs = x if factors is None else x / factors
     qx, sx = quantize_per_token(xs)
     if reference is None:
         reference = x @ weight.t()
+    fed_back = None
+    if second_moment is not None:
+        smoothed = weight if factors is None else weight * factors
+        fed_back = quantize_weight_error_feedback(smoothed, smoothed_second_moment(second_moment, factors))
+        del smoothed
     err = torch.zeros((), dtype=torch.float64, device=x.device)
     ref = torch.zeros((), dtype=torch.float64, device=x.device)
     step = max(1, MEASURE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
     for r0 in range(0, weight.shape[0], step):
         w = weight[r0 : r0 + step]
-        qw, sw = quantize_weight_per_channel(w if factors is None else w * factors)
+        if fed_back is not None:
+            qw, sw = fed_back[0][r0 : r0 + step], fed_back[1][r0 : r0 + step]
+        else:
+            qw, sw = quantize_weight_per_channel(w if factors is None else w * factors)
         y = int8_matmul(qx, qw).to(torch.float32) * sx * sw.reshape(1, -1)
         y_ref = reference[:, r0 : r0 + step]
         err += (y - y_ref).square().sum(dtype=torch.float64)
@@ -119,6 +157,7 @@ class Int8Settings:
     protect: int | None = None  # an explicit count instead: the N largest measured impacts stay bf16
     protect_patterns: tuple[str, ...] = ()
     alpha_grid: tuple[float, ...] = ALPHA_GRID
+    rounding: str = "error_feedback"  # how int8 weights are rounded: "error_feedback" (GPTQ) or "nearest"
     max_rows: int | None = None  # sample rows used per linear (None: all recorded)
     device: str | None = None  # where measurements run (None: cuda when available)
 
@@ -132,8 +171,10 @@ class LinearChoice:
     quantized: bool
     kept: str | None = None  # why it stays in bf16
     alpha: float | None = None  # the SmoothQuant alpha applied (None: not smoothed)
-    error: float | None = None  # measured W8A8 relative output error with the chosen alpha
-    error_plain: float | None = None  # the same without smoothing
+    error: float | None = None  # measured W8A8 relative output error as written (chosen alpha and rounding)
+    error_nearest: float | None = None  # with the chosen alpha and round-to-nearest weights, on all rows
+    error_plain: float | None = None  # round-to-nearest without smoothing
+    rounding: str = "nearest"  # how the int8 weight is rounded
     impact: float | None = None  # error scaled by the linear's gain into the residual stream (the ranking)
     weights: int = 0
     note: str = ""
@@ -150,6 +191,7 @@ class Int8Recipe:
     factors: dict[str, torch.Tensor] = field(default_factory=dict)  # active groups only
     alphas: dict[str, float | None] = field(default_factory=dict)
     protection: dict = field(default_factory=dict)  # the budget, what it bought, each linear's gain
+    sample_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # error-feedback inputs per linear (raw)
 
     @property
     def quantized(self) -> list[str]:
@@ -172,6 +214,19 @@ class Int8Recipe:
         """s multiplying the input columns of a linear's weight, or None."""
         group = self._group_of(module)
         return self.factors.get(group.name) if group else None
+
+    def quantize_linear(self, module: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes and per-channel scales of a linear's smoothed weight, rounded as the recipe says."""
+        linear = self.linears.get(module)
+        rows = self.sample_rows.get(module)
+        if linear is None or linear.rounding != "error_feedback" or rows is None:
+            return quantize_weight_per_channel(weight)
+        device = _measure_device(self.settings)
+        second_moment = input_second_moment(rows.to(device=device, dtype=torch.float32))
+        s = self.column_factors(module)
+        h = smoothed_second_moment(second_moment, None if s is None else s.to(device))
+        q, scale = quantize_weight_error_feedback(weight.to(device=device, dtype=torch.float32), h)
+        return q.to(weight.device), scale.to(weight.device)
 
     def folded_tensors(self) -> dict[str, FoldTarget]:
         """Tensors that receive a 1/s fold (canonical name -> the fold)."""
@@ -223,6 +278,8 @@ class Int8Recipe:
                     "kept": c.kept,
                     "alpha": rounded(c.alpha),
                     "error": rounded(c.error),
+                    "error_nearest": rounded(c.error_nearest),
+                    "rounding": c.rounding if c.quantized else None,
                     "error_plain": rounded(c.error_plain),
                     "impact": rounded(c.impact),
                     **({"note": c.note} if c.note else {}),
@@ -238,11 +295,48 @@ def _measure_device(settings: Int8Settings) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _samples(stats: LinearStatistics | None, settings: Int8Settings, device: torch.device) -> torch.Tensor | None:
+def _sample_rows(stats: LinearStatistics | None, settings: Int8Settings) -> torch.Tensor | None:
     if stats is None or stats.count == 0 or stats.samples.shape[0] == 0:
         return None
-    rows = stats.samples if settings.max_rows is None else stats.samples[: settings.max_rows]
-    return rows.to(device=device, dtype=torch.float32)
+    return stats.samples if settings.max_rows is None else stats.samples[: settings.max_rows]
+
+
+def _samples(stats: LinearStatistics | None, settings: Int8Settings, device: torch.device) -> torch.Tensor | None:
+    rows = _sample_rows(stats, settings)
+    return None if rows is None else rows.to(device=device, dtype=torch.float32)
+
+
+def _error_feedback_applies(settings: Int8Settings, x: torch.Tensor) -> bool:
+    """Error feedback is asked for, enough sample rows to hold some out, and a second-moment matrix of bounded size."""
+    return (
+        settings.rounding == "error_feedback"
+        and x.shape[0] >= MIN_ROWS_FOR_HELD_OUT
+        and x.shape[1] <= MAX_ERROR_FEEDBACK_INPUTS
+    )
+
+
+def fit_and_held_out(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample rows split into those error feedback is fitted on and those it is measured on
+    (every `HELD_OUT_EVERY`-th row held out; the rows are in random key order)."""
+    held = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    held[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] = True
+    return x[~held], x[held]
+
+
+def _held_out_errors(
+    x: torch.Tensor, weights: dict[str, torch.Tensor], factors: torch.Tensor | None
+) -> dict[str, tuple[float, str]]:
+    """Each linear's W8A8 error on the held-out rows and the rounding that gives it: error feedback
+    fitted on the other rows, or round-to-nearest where that generalizes better."""
+    fit, held = fit_and_held_out(x)
+    second_moment = input_second_moment(fit)
+    out = {}
+    for m, w in weights.items():
+        reference = held @ w.t()
+        fed_back = w8a8_relative_error(held, w, factors, reference, second_moment)
+        nearest = w8a8_relative_error(held, w, factors, reference)
+        out[m] = (fed_back, "error_feedback") if fed_back <= nearest else (nearest, "nearest")
+    return out
 
 
 def plan_int8(
@@ -257,12 +351,15 @@ def plan_int8(
     `gains` (from `calibrate.residual_gains`) weights each block linear's error by how much
     its branch adds to the residual stream; without them the raw output errors rank.
     """
+    if settings.rounding not in ROUNDINGS:
+        raise IdeoquantError(f"rounding must be one of {', '.join(ROUNDINGS)}, not {settings.rounding!r}")
     device = _measure_device(settings)
     groups = smoothing_groups(dims)
     one_row = set(one_row_linears(dims))
     linears: dict[str, LinearChoice] = {}
     factors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float | None] = {}
+    sample_rows: dict[str, torch.Tensor] = {}
 
     for group in groups:
         st = stats.get(statistics_key(group.linears[0]))
@@ -282,16 +379,34 @@ def plan_int8(
         for alpha in candidates:
             s = None if alpha is None else smoothing_factors(st.absmax.to(device), weight_absmax, alpha)
             errors[alpha] = {m: w8a8_relative_error(x, w, s, references[m]) for m, w in weights.items()}
+        # Shared s: the objective is the group's summed squared relative error.
+        def objective(a: float | None, table: dict) -> tuple[float, bool]:
+            return sum(e * e for e in table[a].values()), a is not None
+
+        ranked = sorted(candidates, key=lambda a: objective(a, errors))
         if settings.smooth and settings.alpha is not None:
-            chosen = settings.alpha
+            ranked = [settings.alpha]
+        if _error_feedback_applies(settings, x):
+            held_out: dict[float | None, dict[str, tuple[float, str]]] = {}
+            for alpha in ranked[:ALPHA_FINALISTS]:
+                s = None if alpha is None else smoothing_factors(st.absmax.to(device), weight_absmax, alpha)
+                held_out[alpha] = _held_out_errors(x, weights, s)
+            errors_only = {a: {m: e for m, (e, _) in table.items()} for a, table in held_out.items()}
+            chosen = min(errors_only, key=lambda a: objective(a, errors_only))
+            chosen_errors = held_out[chosen]
         else:
-            # Shared s: the objective is the group's summed squared relative error.
-            chosen = min(candidates, key=lambda a: (sum(e * e for e in errors[a].values()), a is not None))
+            chosen = ranked[0]
+            chosen_errors = {m: (e, "nearest") for m, e in errors[chosen].items()}
         alphas[group.name] = chosen
         if chosen is not None:
             factors[group.name] = smoothing_factors(st.absmax.to(device), weight_absmax, chosen).cpu()
         for m in group.linears:
-            linears[m] = LinearChoice(m, group.name, True, alpha=chosen, error=errors[chosen][m], error_plain=errors[None][m])
+            linears[m] = LinearChoice(
+                m, group.name, True, alpha=chosen, error=chosen_errors[m][0], error_nearest=errors[chosen][m],
+                error_plain=errors[None][m], rounding=chosen_errors[m][1],
+            )
+            if linears[m].rounding == "error_feedback":
+                sample_rows[m] = _sample_rows(st, settings)
         del weights, references
 
     for spec in expected_tensors(dims):
@@ -307,7 +422,11 @@ def plan_int8(
             continue
         w = read_weight(m + ".weight").to(device=device, dtype=torch.float32)
         e = w8a8_relative_error(x, w)
-        linears[m] = LinearChoice(m, None, True, error=e, error_plain=e, note="no fold target: not smoothed")
+        linears[m] = LinearChoice(m, None, True, error=e, error_nearest=e, error_plain=e, note="no fold target: not smoothed")
+        if _error_feedback_applies(settings, x):
+            linears[m].error, linears[m].rounding = _held_out_errors(x, {m: w}, None)[m]
+            if linears[m].rounding == "error_feedback":
+                sample_rows[m] = _sample_rows(stats.get(statistics_key(m)), settings)
 
     # Canonical order for the output and for ties in the ranking.
     order = {s.module: i for i, s in enumerate(expected_tensors(dims))}
@@ -339,7 +458,8 @@ def plan_int8(
             for m in group.linears:
                 linears[m].alpha = None
                 linears[m].note = "kept in bf16: not smoothed"
-    return Int8Recipe(dims, settings, groups, linears, factors, alphas, protection)
+    sample_rows = {m: rows for m, rows in sample_rows.items() if linears[m].quantized}
+    return Int8Recipe(dims, settings, groups, linears, factors, alphas, protection, sample_rows)
 
 
 def _rss(values: list[float]) -> float:

@@ -15,6 +15,17 @@ from ..errors import IdeoquantError
 from ..model.inventory import ModelDims, expected_tensors
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# The best alphas by round-to-nearest error that are then compared with error-feedback rounding.
+ALPHA_FINALISTS = 3
+# How int8 weights may be rounded: error feedback (GPTQ, the default) or to nearest.
+ROUNDINGS = ("error_feedback", "nearest")
+# Every HELD_OUT_EVERY-th calibration sample row is held out of the error-feedback fit and
+# measures it; with fewer rows than MIN_ROWS_FOR_HELD_OUT, weights are rounded to nearest.
+HELD_OUT_EVERY = 4
+MIN_ROWS_FOR_HELD_OUT = 16
+# Linears with more inputs are rounded to nearest: their second-moment matrix (in^2 floats)
+# and its factorization would dwarf the weight (`llm_cond_proj`: 53248 inputs, 11 GB).
+MAX_ERROR_FEEDBACK_INPUTS = 16384
 
 MIN_ABSMAX = 1e-6
 
