@@ -156,7 +156,7 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--branches", type=click.Choice(["cond", "uncond", "both"]), default="both", show_default=True)
 @click.option("--imatrix", default=None,
               help="GGUF K-quants, Q4_0/Q4_1/Q5_0/Q5_1, IQ4_NL, IQ4_XS: 'ones' or a calibration statistics file.")
-@click.option("--calibration", type=click.Path(path_type=Path), default=None, help="INT8: statistics from `calibrate`.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None, help="INT8, and GGUF q4_0/q4_k/q5_k/q6_k/q8_0/q4_k_m/q5_k_m (activation-aware codes): statistics from `calibrate`.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="INT8: fixed SmoothQuant alpha.")
 @click.option("--protect-budget", default=None,
               help="INT8: bf16 bytes per branch for the linears with the best measured error reduction per byte: "

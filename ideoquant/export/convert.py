@@ -44,6 +44,8 @@ def convert(src: str, options: ConvertOptions, on_branch_done: Callable[[BranchR
     writer = branch_writer(options.fmt)
     if options.imatrix is not None and not is_gguf_format(options.fmt):
         raise IdeoquantError(f"--imatrix applies to GGUF q4_0 and K-quant formats, not {options.fmt}")
+    if options.calibration is not None and options.fmt == "nf4":
+        raise IdeoquantError("--calibration applies to int8 and the GGUF q4_0/q4_k/q5_k/q6_k/q8_0 formats, not nf4")
     if options.clamp_overflow and not is_gguf_format(options.fmt):
         raise IdeoquantError(f"--clamp-overflow applies to GGUF f16/bf16 tensors, not {options.fmt}")
     if options.base_model is not None:
