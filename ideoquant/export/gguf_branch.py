@@ -68,12 +68,16 @@ def write_gguf_branch(
     bs: BranchSource, source: Source, options: ConvertOptions, outputs: OutputSet, progress: Progress
 ) -> BranchResult:
     """Quantize one branch to a GGUF file, streaming chunk by chunk, then verify it."""
-    choices = gguf_tensor_types(bs.dims, options.fmt)
+    if options.type_plan is not None:
+        choices = options.type_plan[bs.branch]
+    else:
+        choices = gguf_tensor_types(bs.dims, options.fmt)
     calibration = None
     if options.calibration is not None:
         from .gguf_calibration import GGUFCalibration, check_calibration_format
 
-        check_calibration_format(options.fmt, choices)
+        if options.type_plan is None:
+            check_calibration_format(options.fmt, choices)
         if options.imatrix is not None:
             raise IdeoquantError("--calibration takes its importance matrix from the statistics; leave out --imatrix")
         calibration = GGUFCalibration(Path(options.calibration), bs)
@@ -167,6 +171,7 @@ def write_gguf_branch(
         tensors=reports,
         recipe={
             "types": recipe,
+            **({"max_size": options.max_size} if options.max_size is not None else {}),
             "imatrix": options.imatrix or ("calibration" if calibration is not None else "none"),
             **({"clamped": clamps} if clamps else {}),
             **({"calibration": calibration.recipe(aware_errors)} if calibration is not None else {}),

@@ -188,6 +188,28 @@ def inverse_cholesky_factor(hessian: torch.Tensor, damping: float = 0.01) -> tor
     return torch.linalg.cholesky(inv, upper=True).to(_F32)
 
 
+def _feedback_columns(
+    block: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, ub: torch.Tensor, grid: type[_Grid]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of a column block [m, n] (updated in place), column by column with feedback inside
+    the block; returns (codes int32 [m, n], scaled errors [m, n]) for the feedback beyond it."""
+    live = step != 0
+    safe = torch.where(live, step, torch.ones_like(step))
+    codes = torch.empty(block.shape, dtype=torch.int32)
+    errors = torch.empty_like(block)
+    dead_code = float(max(grid.lo, 0))
+    for i in range(block.shape[1]):
+        col = block[:, i]
+        q = torch.round((col - offset[:, i]) / safe[:, i]).clamp_(grid.lo, grid.hi)
+        q = torch.where(live[:, i], q, torch.full_like(q, dead_code))
+        err = (col - (step[:, i] * q + offset[:, i])) / ub[i, i]
+        if i + 1 < block.shape[1]:
+            block[:, i + 1 :].sub_(err.unsqueeze(1) * ub[i, i + 1 :].unsqueeze(0))
+        codes[:, i] = q.to(torch.int32)
+        errors[:, i] = err
+    return codes, errors
+
+
 def quantize_with_feedback(
     cls: type[GGMLType],
     weight: torch.Tensor,
@@ -198,7 +220,7 @@ def quantize_with_feedback(
     """Encode a float32 [m, k] weight in `cls` with GPTQ error feedback; uint8 [m, row_bytes].
 
     `hinv_factor` is `inverse_cholesky_factor(H)`; `importance` [k] (optional) weights the
-    stock encoder's header search."""
+    stock encoder's header search, run on each span of columns as feedback has left it."""
     grid = GRIDS[cls.qtype]
     m, k = weight.shape
     span = SPAN if k % SPAN == 0 else cls.block_size
@@ -213,23 +235,50 @@ def quantize_with_feedback(
             imatrix = None if importance is None else importance[a:b]
             header = cls.quantize_rows(block.contiguous(), imatrix)
             step, offset = grid_step_offset(cls, header)
-            live = step != 0
-            safe = torch.where(live, step, torch.ones_like(step))
-            codes = torch.empty(block.shape, dtype=torch.int32)
-            errors = torch.empty_like(block)
-            ub = u[a:b, a:b]
-            for i in range(span):
-                col = block[:, i]
-                q = torch.round((col - offset[:, i]) / safe[:, i]).clamp_(grid.lo, grid.hi)
-                q = torch.where(live[:, i], q, torch.zeros_like(q) + max(grid.lo, 0))
-                err = (col - (step[:, i] * q + offset[:, i])) / ub[i, i]
-                if i + 1 < span:
-                    block[:, i + 1 :].sub_(err.unsqueeze(1) * ub[i, i + 1 :].unsqueeze(0))
-                codes[:, i] = q.to(torch.int32)
-                errors[:, i] = err
+            codes, errors = _feedback_columns(block, step, offset, u[a:b, a:b], grid)
             if b < k:
                 w[:, b:].sub_(errors @ u[a:b, b:])
             out[r0 : r0 + step_rows, a * cls.type_size // cls.block_size : b * cls.type_size // cls.block_size] = (
                 rows_with_codes(cls, header, codes)
             )
+    return out
+
+
+def activation_order(hessian: torch.Tensor) -> torch.Tensor:
+    """Columns by descending H diagonal: the channels that carry most signal are quantized first."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
+def quantize_with_feedback_ordered(
+    cls: type[GGMLType],
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    order: torch.Tensor,
+    importance: torch.Tensor | None = None,
+    damping: float = 0.01,
+    batch: int = 128,
+    chunk_weights: int = CHUNK_WEIGHTS,
+) -> torch.Tensor:
+    """GPTQ with columns in `order` (e.g. `activation_order`); headers fixed beforehand by the
+    stock encoder on the original weight, since a block's columns no longer come together."""
+    grid = GRIDS[cls.qtype]
+    m, k = weight.shape
+    u = inverse_cholesky_factor(hessian[order][:, order], damping)
+    out = torch.empty((m, cls.row_bytes(k)), dtype=torch.uint8)
+    step_rows = max(1, chunk_weights // k)
+    for r0 in range(0, m, step_rows):
+        rows = weight[r0 : r0 + step_rows].to(_F32)
+        header = cls.quantize_rows(rows.contiguous(), importance)
+        step, offset = grid_step_offset(cls, header)
+        w = rows[:, order].clone()
+        step, offset = step[:, order], offset[:, order]
+        codes = torch.empty(w.shape, dtype=torch.int32)
+        for a in range(0, k, batch):
+            b = min(k, a + batch)
+            codes[:, a:b], errors = _feedback_columns(w[:, a:b], step[:, a:b], offset[:, a:b], u[a:b, a:b], grid)
+            if b < k:
+                w[:, b:].sub_(errors @ u[a:b, b:])
+        natural = torch.empty_like(codes)
+        natural[:, order] = codes
+        out[r0 : r0 + step_rows] = rows_with_codes(cls, header, natural)
     return out
