@@ -469,12 +469,12 @@ class Q5_0(_RowSigmaBlock32):
     @classmethod
     def prepare(cls) -> None:
         super().prepare()
-        ref32_kernel.compiled_qx_sums(ref32_kernel.qx_bucket_blocks(), 16)
+        ref32_kernel.compiled_qx_search(ref32_kernel.qx_bucket_blocks(), 16)
 
     @classmethod
     def _search_bucket(cls) -> int | None:
         bucket = ref32_kernel.qx_bucket_blocks()
-        return bucket if ref32_kernel.compiled_qx_sums(bucket, 16) is not None else None
+        return bucket if ref32_kernel.compiled_qx_search(bucket, 16) is not None else None
 
     @classmethod
     def _encode_search(cls, x, w):

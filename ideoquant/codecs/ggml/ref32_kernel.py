@@ -18,8 +18,8 @@ Shapes are static: one bucket of `bucket_blocks()` per call, the last one padded
 blocks, so each type compiles one kernel per thread count, once (torch caches it on disk).
 
 make_qx_quants tries 19 candidate scales per block; they are independent until the choice
-among them, so `qx_candidate_sums` computes all their sums in one pass over the positions
-(sequential in ggml's order), as IQ4's candidate sums do (`iq4`); the choice stays eager.
+among them, so `qx_candidate_search` computes all their sums in one pass over the positions
+(sequential in ggml's order), as IQ4's candidate sums do (`iq4`), then makes the choice.
 """
 
 from __future__ import annotations
@@ -228,10 +228,13 @@ _DATA_ROWS = tuple(range(16)) + tuple(range(17, 33))
 QX_BLOCKS_PER_THREAD = 4096
 
 
-def qx_candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """For every block and candidate: sumlx = sum of w*x*l and suml2 = sum of w*l*l, in ggml's
-    order, l = clamp(nearest_int(iscale*x), lo, hi). x, w [33, B] gapped position-major;
-    iscales [C, B]. Returns [2, C, B]."""
+def qx_candidate_search(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """make_qx_quants' candidates for every block: [2, B] = (scale, iscale of the chosen levels).
+
+    For each candidate, sumlx = sum of w*x*l and suml2 = sum of w*l*l in ggml's order, with
+    l = clamp(nearest_int(iscale*x), lo, hi); x, w [33, B] gapped position-major; iscales
+    [C, B]. The sums of all candidates take one pass over the positions; then the running
+    choice `suml2 > 0 && sumlx*sumlx > best*suml2` over the candidates in order."""
     sumlx = suml2 = None
     for r in _DATA_ROWS:
         xr = x[r]
@@ -242,11 +245,21 @@ def qx_candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, l
             sumlx, suml2 = a + 0.0, b + 0.0
         else:
             sumlx, suml2 = sumlx + a, suml2 + b
-    return torch.stack((sumlx, suml2))
+    # scale = suml2 ? sumlx/suml2 : 0; best = scale*sumlx
+    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
+    best = scale * sumlx[0]
+    best_isc = iscales[0]
+    for c in range(1, iscales.shape[0]):
+        take = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
+        new_scale = sumlx[c] / suml2[c]
+        scale = torch.where(take, new_scale, scale)
+        best = torch.where(take, new_scale * sumlx[c], best)
+        best_isc = torch.where(take, iscales[c], best_isc)
+    return torch.stack((scale, best_isc))
 
 
 def qx_bucket_blocks(threads: int | None = None) -> int:
-    """Blocks per call of the compiled `qx_candidate_sums` for this many torch threads."""
+    """Blocks per call of the compiled `qx_candidate_search` for this many torch threads."""
     threads = torch.get_num_threads() if threads is None else threads
     return QX_BLOCKS_PER_THREAD * max(1, threads)
 
@@ -267,18 +280,18 @@ def _qx_run(step, X, W, iscales, nmax: int) -> torch.Tensor:
 
 
 @functools.cache
-def compiled_qx_sums(blocks: int, nmax: int) -> Callable[..., torch.Tensor] | None:
-    """`qx_candidate_sums` compiled for buckets of `blocks`, once it has matched the eager
+def compiled_qx_search(blocks: int, nmax: int) -> Callable[..., torch.Tensor] | None:
+    """`qx_candidate_search` compiled for buckets of `blocks`, once it has matched the eager
     function bit for bit on probe blocks; else None."""
     if not fused_kernel.fused_requested():
         return None
     try:
-        step = torch.compile(qx_candidate_sums, dynamic=False, fullgraph=True)
+        step = torch.compile(qx_candidate_search, dynamic=False, fullgraph=True)
         x, qw = _adversarial_blocks(blocks, seed=7)
         X = gapped33(x.T.contiguous())
         for W in (X * X, gapped33(qw.T.contiguous())):
             iscales, _ = _qx_iscales(X, nmax)
-            got, want = _qx_run(step, X, W, iscales, nmax), _qx_run(qx_candidate_sums, X, W, iscales, nmax)
+            got, want = _qx_run(step, X, W, iscales, nmax), _qx_run(qx_candidate_search, X, W, iscales, nmax)
             if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
                 reason = "its results differ from the eager code on this machine"
                 break
@@ -293,22 +306,11 @@ def compiled_qx_sums(blocks: int, nmax: int) -> Callable[..., torch.Tensor] | No
 def make_qx_blocks(X: torch.Tensor, W: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`scale_search.make_qx(X, W, nmax, gapped=True)`, with the candidate sums compiled where
     X [33, B] is one bucket of `qx_bucket_blocks()` and the kernel is available."""
-    step = compiled_qx_sums(X.shape[1], nmax) if X.shape[1] == qx_bucket_blocks() else None
+    step = compiled_qx_search(X.shape[1], nmax) if X.shape[1] == qx_bucket_blocks() else None
     if step is None:
         return make_qx(X, W, nmax, gapped=True)
     iscales, zero_blk = _qx_iscales(X, nmax)
-    sums = _qx_run(step, X, W, iscales, nmax)
-    sumlx, suml2 = sums[0], sums[1]
-    # scale = suml2 ? sumlx/suml2 : 0; best = scale*sumlx; then the running choice.
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
-    best = scale * sumlx[0]
-    best_isc = iscales[0]
-    for c in range(1, iscales.shape[0]):
-        take = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
-        new_scale = sumlx[c] / suml2[c]
-        scale = torch.where(take, new_scale, scale)
-        best = torch.where(take, new_scale * sumlx[c], best)
-        best_isc = torch.where(take, iscales[c], best_isc)
+    scale, best_isc = _qx_run(step, X, W, iscales, nmax)
     L = torch.mul(X, best_isc).round_().clamp_(-float(nmax), float(nmax - 1)).add_(float(nmax))
     L.masked_fill_(zero_blk.unsqueeze(0), 0.0)
     return scale.masked_fill(zero_blk, 0.0), L
