@@ -1,5 +1,5 @@
-"""Compiled CPU kernels for ggml's 32-weight block types: the `_ref` encoders of Q8_0, Q4_0,
-Q4_1, Q5_0 and Q5_1, and the candidate sums of make_qx_quants (Q5_0 with an importance matrix).
+"""Compiled CPU kernels for ggml's 32-weight block types: the `_ref` encoders of Q4_0, Q4_1,
+Q5_0 and Q5_1, and the candidate sums of make_qx_quants (Q5_0 with an importance matrix).
 
 Without an importance matrix these encoders are a min/max (or signed absmax) per block and
 one rounding per weight: memory-bound work that eager torch spreads over a dozen passes
@@ -9,7 +9,9 @@ torch.compile (inductor) turns into one or two loops over the blocks.
 
 Exactness. The functions are ggml's float32 arithmetic, in its order, with no reductions
 other than min and max (exact in any order); inductor's C++ keeps IEEE semantics (no fused
-multiply-adds, no fast-math). Still, each compiled encoder is checked bit for bit against
+multiply-adds, no fast-math). Where ggml's scan order decides the result (the sign of a zero
+min, the first of +a and -a), the kernel flags the block and the eager encoder re-encodes
+it. Still, each compiled encoder is checked bit for bit against
 the eager encoder it replaces once per process, on blocks that probe the edges, and is not
 used when it differs or cannot be compiled (a one-line warning; the eager encoder gives the
 same bytes, only slower). IDEOQUANT_FUSED=0 turns the kernels off.
@@ -40,10 +42,6 @@ _F32 = torch.float32
 # of a call (tens of microseconds) stays small against its work.
 BLOCKS_PER_THREAD = 16384
 
-# float32 just below 0.5: adding it with the sign of x, then truncating, is C `roundf`.
-_JUST_BELOW_HALF = 0.49999997
-
-
 def _fp16_le_bytes(v: torch.Tensor) -> torch.Tensor:
     """float32 [B] -> the two little-endian bytes of its fp16 rounding, uint8 [B, 2]."""
     h = v.to(torch.float16).view(torch.int16).to(torch.int32)
@@ -70,14 +68,6 @@ def _packed(level: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, fift
         parts.append(qh.to(torch.uint8))
     parts.append(((level(x[:, :16]) & 0xF) | ((level(x[:, 16:]) & 0xF) << 4)).to(torch.uint8))
     return parts
-
-
-def q8_0_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """quantize_row_q8_0_ref: x [B, 32] float32 -> (uint8 [B, 34], redo)."""
-    d = torch.maximum(x.amax(dim=1).abs(), x.amin(dim=1).abs()) / 127
-    v = x * _inverse(d).unsqueeze(1)
-    q = torch.where(v < 0, v - _JUST_BELOW_HALF, v + _JUST_BELOW_HALF).to(torch.int8)  # roundf
-    return torch.cat((_fp16_le_bytes(d), q.view(torch.uint8)), dim=1), None
 
 
 def _absmax_kernel(x: torch.Tensor, nmax: int, fifth_bit: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -138,7 +128,6 @@ def q5_1_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 # Each kernel returns (block bytes, blocks to re-encode with the eager encoder or None).
 KERNELS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]] = {
-    "Q8_0": q8_0_ref,
     "Q4_0": q4_0_ref,
     "Q4_1": q4_1_ref,
     "Q5_0": q5_0_ref,
