@@ -65,13 +65,10 @@ class Q8_0(GGMLType):
     type_size = 34
 
     @classmethod
-    def prepare(cls) -> None:
-        ref32_kernel.compiled_encoder("Q8_0", ref32_kernel.bucket_blocks(), _encode_q8_0_ref)
-
-    @classmethod
     def quantize_blocks(cls, blocks, weights=None):
-        blocks = cpu32(blocks).reshape(-1, 32)
-        return ref32_kernel.encode_blocks("Q8_0", blocks, _encode_q8_0_ref, cls.type_size)
+        # Eager: in a whole conversion, loading a compiled kernel costs more than Q8_0's
+        # memory-bound encoding would gain from it (see README, Measured).
+        return _encode_q8_0_ref(cpu32(blocks).reshape(-1, 32))
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -469,12 +466,12 @@ class Q5_0(_RowSigmaBlock32):
     @classmethod
     def prepare(cls) -> None:
         super().prepare()
-        ref32_kernel.compiled_qx_sums(ref32_kernel.qx_bucket_blocks(), 16)
+        ref32_kernel.compiled_qx_search(ref32_kernel.qx_bucket_blocks(), 16)
 
     @classmethod
     def _search_bucket(cls) -> int | None:
         bucket = ref32_kernel.qx_bucket_blocks()
-        return bucket if ref32_kernel.compiled_qx_sums(bucket, 16) is not None else None
+        return bucket if ref32_kernel.compiled_qx_search(bucket, 16) is not None else None
 
     @classmethod
     def _encode_search(cls, x, w):

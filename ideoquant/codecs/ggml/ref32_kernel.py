@@ -1,5 +1,5 @@
-"""Compiled CPU kernels for ggml's 32-weight block types: the `_ref` encoders of Q8_0, Q4_0,
-Q4_1, Q5_0 and Q5_1, and the candidate sums of make_qx_quants (Q5_0 with an importance matrix).
+"""Compiled CPU kernels for ggml's 32-weight block types: the `_ref` encoders of Q4_0, Q4_1,
+Q5_0 and Q5_1, and the candidate sums of make_qx_quants (Q5_0 with an importance matrix).
 
 Without an importance matrix these encoders are a min/max (or signed absmax) per block and
 one rounding per weight: memory-bound work that eager torch spreads over a dozen passes
@@ -9,7 +9,9 @@ torch.compile (inductor) turns into one or two loops over the blocks.
 
 Exactness. The functions are ggml's float32 arithmetic, in its order, with no reductions
 other than min and max (exact in any order); inductor's C++ keeps IEEE semantics (no fused
-multiply-adds, no fast-math). Still, each compiled encoder is checked bit for bit against
+multiply-adds, no fast-math). Where ggml's scan order decides the result (the sign of a zero
+min, the first of +a and -a), the kernel flags the block and the eager encoder re-encodes
+it. Still, each compiled encoder is checked bit for bit against
 the eager encoder it replaces once per process, on blocks that probe the edges, and is not
 used when it differs or cannot be compiled (a one-line warning; the eager encoder gives the
 same bytes, only slower). IDEOQUANT_FUSED=0 turns the kernels off.
@@ -18,8 +20,8 @@ Shapes are static: one bucket of `bucket_blocks()` per call, the last one padded
 blocks, so each type compiles one kernel per thread count, once (torch caches it on disk).
 
 make_qx_quants tries 19 candidate scales per block; they are independent until the choice
-among them, so `qx_candidate_sums` computes all their sums in one pass over the positions
-(sequential in ggml's order), as IQ4's candidate sums do (`iq4`); the choice stays eager.
+among them, so `qx_candidate_search` computes all their sums in one pass over the positions
+(sequential in ggml's order), as IQ4's candidate sums do (`iq4`), then makes the choice.
 """
 
 from __future__ import annotations
@@ -39,10 +41,6 @@ _F32 = torch.float32
 # Blocks per compiled call and torch thread: a few MB per call, so that the Python overhead
 # of a call (tens of microseconds) stays small against its work.
 BLOCKS_PER_THREAD = 16384
-
-# float32 just below 0.5: adding it with the sign of x, then truncating, is C `roundf`.
-_JUST_BELOW_HALF = 0.49999997
-
 
 def _fp16_le_bytes(v: torch.Tensor) -> torch.Tensor:
     """float32 [B] -> the two little-endian bytes of its fp16 rounding, uint8 [B, 2]."""
@@ -70,14 +68,6 @@ def _packed(level: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, fift
         parts.append(qh.to(torch.uint8))
     parts.append(((level(x[:, :16]) & 0xF) | ((level(x[:, 16:]) & 0xF) << 4)).to(torch.uint8))
     return parts
-
-
-def q8_0_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """quantize_row_q8_0_ref: x [B, 32] float32 -> (uint8 [B, 34], redo)."""
-    d = torch.maximum(x.amax(dim=1).abs(), x.amin(dim=1).abs()) / 127
-    v = x * _inverse(d).unsqueeze(1)
-    q = torch.where(v < 0, v - _JUST_BELOW_HALF, v + _JUST_BELOW_HALF).to(torch.int8)  # roundf
-    return torch.cat((_fp16_le_bytes(d), q.view(torch.uint8)), dim=1), None
 
 
 def _absmax_kernel(x: torch.Tensor, nmax: int, fifth_bit: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -138,7 +128,6 @@ def q5_1_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 # Each kernel returns (block bytes, blocks to re-encode with the eager encoder or None).
 KERNELS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]] = {
-    "Q8_0": q8_0_ref,
     "Q4_0": q4_0_ref,
     "Q4_1": q4_1_ref,
     "Q5_0": q5_0_ref,
@@ -228,10 +217,13 @@ _DATA_ROWS = tuple(range(16)) + tuple(range(17, 33))
 QX_BLOCKS_PER_THREAD = 4096
 
 
-def qx_candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """For every block and candidate: sumlx = sum of w*x*l and suml2 = sum of w*l*l, in ggml's
-    order, l = clamp(nearest_int(iscale*x), lo, hi). x, w [33, B] gapped position-major;
-    iscales [C, B]. Returns [2, C, B]."""
+def qx_candidate_search(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """make_qx_quants' candidates for every block: [2, B] = (scale, iscale of the chosen levels).
+
+    For each candidate, sumlx = sum of w*x*l and suml2 = sum of w*l*l in ggml's order, with
+    l = clamp(nearest_int(iscale*x), lo, hi); x, w [33, B] gapped position-major; iscales
+    [C, B]. The sums of all candidates take one pass over the positions; then the running
+    choice `suml2 > 0 && sumlx*sumlx > best*suml2` over the candidates in order."""
     sumlx = suml2 = None
     for r in _DATA_ROWS:
         xr = x[r]
@@ -242,11 +234,21 @@ def qx_candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, l
             sumlx, suml2 = a + 0.0, b + 0.0
         else:
             sumlx, suml2 = sumlx + a, suml2 + b
-    return torch.stack((sumlx, suml2))
+    # scale = suml2 ? sumlx/suml2 : 0; best = scale*sumlx
+    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
+    best = scale * sumlx[0]
+    best_isc = iscales[0]
+    for c in range(1, iscales.shape[0]):
+        take = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
+        new_scale = sumlx[c] / suml2[c]
+        scale = torch.where(take, new_scale, scale)
+        best = torch.where(take, new_scale * sumlx[c], best)
+        best_isc = torch.where(take, iscales[c], best_isc)
+    return torch.stack((scale, best_isc))
 
 
 def qx_bucket_blocks(threads: int | None = None) -> int:
-    """Blocks per call of the compiled `qx_candidate_sums` for this many torch threads."""
+    """Blocks per call of the compiled `qx_candidate_search` for this many torch threads."""
     threads = torch.get_num_threads() if threads is None else threads
     return QX_BLOCKS_PER_THREAD * max(1, threads)
 
@@ -267,18 +269,18 @@ def _qx_run(step, X, W, iscales, nmax: int) -> torch.Tensor:
 
 
 @functools.cache
-def compiled_qx_sums(blocks: int, nmax: int) -> Callable[..., torch.Tensor] | None:
-    """`qx_candidate_sums` compiled for buckets of `blocks`, once it has matched the eager
+def compiled_qx_search(blocks: int, nmax: int) -> Callable[..., torch.Tensor] | None:
+    """`qx_candidate_search` compiled for buckets of `blocks`, once it has matched the eager
     function bit for bit on probe blocks; else None."""
     if not fused_kernel.fused_requested():
         return None
     try:
-        step = torch.compile(qx_candidate_sums, dynamic=False, fullgraph=True)
+        step = torch.compile(qx_candidate_search, dynamic=False, fullgraph=True)
         x, qw = _adversarial_blocks(blocks, seed=7)
         X = gapped33(x.T.contiguous())
         for W in (X * X, gapped33(qw.T.contiguous())):
             iscales, _ = _qx_iscales(X, nmax)
-            got, want = _qx_run(step, X, W, iscales, nmax), _qx_run(qx_candidate_sums, X, W, iscales, nmax)
+            got, want = _qx_run(step, X, W, iscales, nmax), _qx_run(qx_candidate_search, X, W, iscales, nmax)
             if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
                 reason = "its results differ from the eager code on this machine"
                 break
@@ -293,22 +295,11 @@ def compiled_qx_sums(blocks: int, nmax: int) -> Callable[..., torch.Tensor] | No
 def make_qx_blocks(X: torch.Tensor, W: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`scale_search.make_qx(X, W, nmax, gapped=True)`, with the candidate sums compiled where
     X [33, B] is one bucket of `qx_bucket_blocks()` and the kernel is available."""
-    step = compiled_qx_sums(X.shape[1], nmax) if X.shape[1] == qx_bucket_blocks() else None
+    step = compiled_qx_search(X.shape[1], nmax) if X.shape[1] == qx_bucket_blocks() else None
     if step is None:
         return make_qx(X, W, nmax, gapped=True)
     iscales, zero_blk = _qx_iscales(X, nmax)
-    sums = _qx_run(step, X, W, iscales, nmax)
-    sumlx, suml2 = sums[0], sums[1]
-    # scale = suml2 ? sumlx/suml2 : 0; best = scale*sumlx; then the running choice.
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
-    best = scale * sumlx[0]
-    best_isc = iscales[0]
-    for c in range(1, iscales.shape[0]):
-        take = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
-        new_scale = sumlx[c] / suml2[c]
-        scale = torch.where(take, new_scale, scale)
-        best = torch.where(take, new_scale * sumlx[c], best)
-        best_isc = torch.where(take, iscales[c], best_isc)
+    scale, best_isc = _qx_run(step, X, W, iscales, nmax)
     L = torch.mul(X, best_isc).round_().clamp_(-float(nmax), float(nmax - 1)).add_(float(nmax))
     L.masked_fill_(zero_blk.unsqueeze(0), 0.0)
     return scale.masked_fill(zero_blk, 0.0), L
