@@ -158,6 +158,8 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
               help="GGUF K-quants, Q4_0/Q4_1/Q5_0/Q5_1, IQ4_NL, IQ4_XS: 'ones' or a calibration statistics file.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None, help="INT8: statistics from `calibrate`.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="INT8: fixed SmoothQuant alpha.")
+@click.option("--rounding", type=click.Choice(["error_feedback", "nearest"]), default="error_feedback", show_default=True,
+              help="INT8: weight rounding: GPTQ error feedback on the calibration rows, or to nearest (the paper's).")
 @click.option("--protect-budget", default=None,
               help="INT8: bf16 bytes per branch for the linears with the best measured error reduction per byte: "
                    "a fraction of the int8-eligible linear weights (0.11, 11%) or a size (1.5GiB). "
@@ -178,7 +180,7 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, calibration: Path | None,
-            alpha: float | None, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
+            alpha: float | None, rounding: str, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
             double_quant: bool, layout: str, base_model: str | None, clamp_overflow: bool, overwrite: bool,
             quiet: bool) -> None:
     """Convert SRC (folder, file or Hub repo id) to FORMAT under OUT, then verify it."""
@@ -194,7 +196,7 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
     budget = DEFAULT_PROTECT_BUDGET if protect_budget is None else parse_protect_budget(protect_budget)
     options = ConvertOptions(
         fmt=fmt, out=out, branches=branches, overwrite=overwrite, quiet=quiet, imatrix=imatrix,
-        calibration=calibration, alpha=alpha, protect_budget=budget, protect=protect,
+        calibration=calibration, alpha=alpha, rounding=rounding, protect_budget=budget, protect=protect,
         protect_patterns=protect_patterns, all_linears=all_linears, double_quant=double_quant, layout=layout,
         base_model=base_model, clamp_overflow=clamp_overflow,
     )
