@@ -156,7 +156,10 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--branches", type=click.Choice(["cond", "uncond", "both"]), default="both", show_default=True)
 @click.option("--imatrix", default=None,
               help="GGUF K-quants, Q4_0/Q4_1/Q5_0/Q5_1, IQ4_NL, IQ4_XS: 'ones' or a calibration statistics file.")
-@click.option("--calibration", type=click.Path(path_type=Path), default=None, help="INT8: statistics from `calibrate`.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None, help="INT8, and GGUF q4_0/q4_k/q5_k/q6_k/q8_0/q4_k_m/q5_k_m (activation-aware codes): statistics from `calibrate`.")
+@click.option("--max-size", default=None,
+              help="GGUF: both files together at most this size (11GiB, 11GB, or bytes); the type of every "
+                   "tensor (Q3_K..Q8_0) chosen from its measured sensitivity.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="INT8: fixed SmoothQuant alpha.")
 @click.option("--rounding", type=click.Choice(["error_feedback", "nearest"]), default="error_feedback", show_default=True,
               help="INT8: weight rounding: GPTQ error feedback on the calibration rows, or to nearest (the paper's).")
@@ -180,7 +183,7 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, calibration: Path | None,
-            alpha: float | None, rounding: str, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
+            max_size: str | None, alpha: float | None, rounding: str, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
             double_quant: bool, layout: str, base_model: str | None, clamp_overflow: bool, overwrite: bool,
             quiet: bool) -> None:
     """Convert SRC (folder, file or Hub repo id) to FORMAT under OUT, then verify it."""
@@ -188,6 +191,7 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
     from .export.options import ConvertOptions
     from .export.report import summary_table
 
+    from .recipes.gguf_budget import parse_max_size
     from .recipes.int8_policy import DEFAULT_PROTECT_BUDGET, parse_protect_budget
 
     _setup_logging(quiet)
@@ -199,6 +203,7 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
         calibration=calibration, alpha=alpha, rounding=rounding, protect_budget=budget, protect=protect,
         protect_patterns=protect_patterns, all_linears=all_linears, double_quant=double_quant, layout=layout,
         base_model=base_model, clamp_overflow=clamp_overflow,
+        max_size=None if max_size is None else parse_max_size(max_size),
     )
     results = run_convert(src, options)
     click.echo(summary_table(results))

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from ideoquant.codecs.ggml import blocks32 as b32
-from ideoquant.codecs.ggml import iq4
+from ideoquant.codecs.ggml import iq4, ref32_kernel
 from ideoquant.codecs.ggml.registry import ggml_type
 
 
@@ -150,3 +150,113 @@ def test_signed_absmax_takes_the_first_of_tied_magnitudes():
         want.append(mx)
     got = b32._signed_absmax(torch.from_numpy(x)).numpy()
     assert np.array_equal(got.view(np.uint32), np.array(want, dtype=np.float32).view(np.uint32))
+
+
+REF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def _tiled_reference(qtype: str, blocks: int, path: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Every n512 ggml reference input and its `qtype` output (`path`: "" or an importance
+    matrix suffix), tiled to at least `blocks` 32-weight blocks."""
+    with np.load(DATA) as z:
+        cases = sorted({k.split("/")[1] for k in z.files if k.startswith("n512/") and k.endswith(f"/{qtype}")})
+        rows = np.concatenate([z[f"n512/{c}/input"] for c in cases])
+        want = np.concatenate([z[f"n512/{c}/{qtype}{path}"] for c in cases])
+    reps = -(-blocks * 32 // rows.size) + 1
+    return np.tile(rows, (reps, 1)), np.tile(want, (reps, 1))
+
+
+@needs_compiler
+@pytest.mark.parametrize("qtype", REF_TYPES)
+def test_compiled_ref_encoder_matches_ggml(qtype, monkeypatch):
+    """ggml's bytes for every reference row, tiled to fill whole buckets of the compiled kernel."""
+    rows, want = _tiled_reference(qtype, 2 * ref32_kernel.bucket_blocks())
+    used = []
+    real = ref32_kernel.compiled_encoder
+    monkeypatch.setattr(ref32_kernel, "compiled_encoder", lambda *a: used.append(real(*a)) or used[-1])
+    got = ggml_type(qtype).quantize_rows(torch.from_numpy(rows)).numpy()
+    assert used and all(step is not None for step in used), "the compiled kernel was not used"
+    assert np.array_equal(got, want)
+
+
+def _signed_zero_blocks() -> tuple[torch.Tensor, list[int]]:
+    """Blocks whose min is 0 with +0.0 and -0.0 in either order, and ties of +a and -a in
+    either order, with ggml's fp16 `m` field (Q4_1/Q5_1) worked out by hand: the first zero."""
+    x = torch.zeros(8, 32)
+    x[0, 4], x[0, 9] = -0.0, 1.0  # +0.0 first: m = +0
+    x[1, 0], x[1, 9] = -0.0, 1.0  # -0.0 first: m = -0 (0x8000)
+    x[2, 0] = -0.0  # all zero, -0.0 first
+    x[3, 1] = -0.0  # all zero, +0.0 first
+    x[4, 3], x[4, 7] = 2.0, -2.0  # +a before -a
+    x[5, 3], x[5, 7] = -2.0, 2.0  # -a before +a
+    x[6] = torch.linspace(0.0, 3.0, 32)
+    x[7] = -torch.linspace(0.0, 3.0, 32)  # max is +0.0 at position 0... and the min -3
+    m_bits = [0x0000, 0x8000, 0x8000, 0x0000, None, None, 0x0000, None]
+    return x, m_bits
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+def test_a_zero_min_keeps_the_sign_of_the_first_zero(qtype, compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setenv("IDEOQUANT_FUSED", "0")
+    ref32_kernel.compiled_encoder.cache_clear()
+    try:
+        x, m_bits = _signed_zero_blocks()
+        n = ref32_kernel.bucket_blocks() if compiled else x.shape[0]
+        got = ggml_type(qtype).quantize_blocks(x.repeat(-(-n // x.shape[0]), 1)).numpy()[: x.shape[0]]
+    finally:
+        ref32_kernel.compiled_encoder.cache_clear()
+    m = got[:, 2].astype(np.int32) | (got[:, 3].astype(np.int32) << 8)
+    for i, want in enumerate(m_bits):
+        if want is not None:
+            assert m[i] == want, f"block {i}: m = {m[i]:#06x}, ggml writes {want:#06x}"
+    # d of the all-zero blocks: (max - min)/nmax with max and min the same first zero -> +0
+    assert got[2, 0] == 0 and got[2, 1] == 0 and got[3, 0] == 0 and got[3, 1] == 0
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+def test_tied_magnitudes_take_the_first_one(qtype, compiled, monkeypatch):
+    """d = max / -half with max the first element of largest |x|: -a first gives d > 0."""
+    if not compiled:
+        monkeypatch.setenv("IDEOQUANT_FUSED", "0")
+    ref32_kernel.compiled_encoder.cache_clear()
+    try:
+        x, _ = _signed_zero_blocks()
+        n = ref32_kernel.bucket_blocks() if compiled else x.shape[0]
+        got = ggml_type(qtype).quantize_blocks(x.repeat(-(-n // x.shape[0]), 1)).numpy()[: x.shape[0]]
+    finally:
+        ref32_kernel.compiled_encoder.cache_clear()
+    half = 8 if qtype == "Q4_0" else 16
+    d = got[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+    assert d[4] == np.float32(np.float16(2.0 / -half)) and d[5] == np.float32(np.float16(-2.0 / -half))
+
+
+def test_a_compiled_ref_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
+    def off_by_one(x):
+        out, redo = ref32_kernel.q4_1_ref(x)
+        return out ^ 1, redo
+
+    ref32_kernel.compiled_encoder.cache_clear()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: off_by_one)
+    try:
+        assert ref32_kernel.compiled_encoder("Q4_1", 4096, ggml_type("Q4_1")._eager_ref_chunks) is None
+        assert "compiled Q4_1 kernel not used" in caplog.text
+    finally:
+        ref32_kernel.compiled_encoder.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("path", ["+imatrix_ones", "+imatrix_random"])
+def test_compiled_q5_0_search_matches_ggml(path, monkeypatch):
+    """Q5_0 with an importance matrix: ggml's bytes with make_qx_quants' sums compiled."""
+    rows, want = _tiled_reference("Q5_0", 2 * ref32_kernel.qx_bucket_blocks(), path)
+    with np.load(DATA) as z:
+        imatrix = torch.ones(512) if path == "+imatrix_ones" else torch.from_numpy(z["n512/imatrix_random"])
+    used = []
+    real = ref32_kernel._qx_run
+    monkeypatch.setattr(ref32_kernel, "_qx_run", lambda step, *a: used.append(step is not ref32_kernel.qx_candidate_sums) or real(step, *a))
+    got = ggml_type("Q5_0").quantize_rows(torch.from_numpy(rows), imatrix).numpy()
+    assert any(used), "the compiled kernel was not used"
+    assert np.array_equal(got, want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from ideoquant.codecs.ggml import iq4_xs
+from ideoquant.codecs.ggml import iq4
 from ideoquant.codecs.ggml.registry import ggml_type
 
 DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
@@ -127,11 +128,11 @@ def test_decoder_matches_gguf_on_random_bytes(qtype):
 
 def test_best_index_is_the_nearest_codebook_level():
     """Against a worked-out rule: nearest level, the upper one on an exact midpoint."""
-    values = np.array(iq4_xs.IQ4NL_VALUES, dtype=np.float32)
+    values = np.array(iq4.KVALUES_IQ4NL, dtype=np.float32)
     mids = (values[:-1] + values[1:]) / 2
     probes = np.concatenate([values, mids, mids - 0.25, mids + 0.25, [-1000.0, -127.5, 113.5, 1000.0, 0.0]])
     probes = probes.astype(np.float32)
-    got = iq4_xs.best_index(torch.from_numpy(probes)).numpy()
+    got = iq4.iq4_index(torch.from_numpy(probes)).numpy()
     dist = np.abs(probes[:, None] - values[None, :])
     nearest = dist.argmin(1)
     # on a tie ggml picks the upper level (`x - lo < hi - x` is false)
@@ -148,3 +149,19 @@ def test_round_trip_error_is_that_of_the_bit_width(qtype, bound):
     y = cls.dequantize_rows(cls.quantize_rows(x))
     rel = float((y - x).norm() / x.norm())
     assert 0.0 < rel < bound
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize("path", PATHS)
+def test_compiled_iq4_xs_search_matches_ggml(ref, path, monkeypatch):
+    """Every ggml reference row for IQ4_XS, tiled to fill whole buckets, through the compiled IQ4 sums."""
+    cases = sorted({k.split("/")[1] for k in ref if k.startswith("n512/") and k.endswith("/IQ4_XS")})
+    rows = np.concatenate([ref[f"n512/{c}/input"] for c in cases])
+    want = np.concatenate([ref[f"n512/{c}/IQ4_XS{path}"] for c in cases])
+    reps = -(-iq4.bucket_blocks() * 32 // rows.size) + 1
+    used = []
+    real = iq4._run
+    monkeypatch.setattr(iq4, "_run", lambda step, *a: used.append(step is not iq4.candidate_sums) or real(step, *a))
+    got = ggml_type("IQ4_XS").quantize_rows(torch.from_numpy(np.tile(rows, (reps, 1))), _imatrix(ref, 512, path)).numpy()
+    assert any(used), "the compiled kernel was not used"
+    assert np.array_equal(got, np.tile(want, (reps, 1)))

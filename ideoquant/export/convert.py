@@ -44,15 +44,23 @@ def convert(src: str, options: ConvertOptions, on_branch_done: Callable[[BranchR
     writer = branch_writer(options.fmt)
     if options.imatrix is not None and not is_gguf_format(options.fmt):
         raise IdeoquantError(f"--imatrix applies to GGUF q4_0 and K-quant formats, not {options.fmt}")
+    if options.calibration is not None and options.fmt == "nf4":
+        raise IdeoquantError("--calibration applies to int8 and the GGUF q4_0/q4_k/q5_k/q6_k/q8_0 formats, not nf4")
     if options.clamp_overflow and not is_gguf_format(options.fmt):
         raise IdeoquantError(f"--clamp-overflow applies to GGUF f16/bf16 tensors, not {options.fmt}")
     if options.base_model is not None:
         from .model_card import check_repo_id
 
         check_repo_id(options.base_model, "--base-model")
+    if options.max_size is not None and not is_gguf_format(options.fmt):
+        raise IdeoquantError(f"--max-size applies to GGUF formats, not {options.fmt}")
     reuse_freed_memory()
     source = open_source(src, options.branches)
     check_apart(options.out, source.root, [f.path for bs in source.branches.values() for f in bs.files])
+    if options.max_size is not None:
+        from .gguf_calibration import plan_max_size
+
+        options.type_plan = plan_max_size(source, options)
     outputs = OutputSet(overwrite=options.overwrite)
     results: list[BranchResult] = []
     # Hash the sources in the background: the second branch's checksum is ready by the
@@ -72,6 +80,10 @@ def convert(src: str, options: ConvertOptions, on_branch_done: Callable[[BranchR
             results.append(result)
             if on_branch_done:
                 on_branch_done(result)
+        if options.max_size is not None:
+            written = sum(r.output_bytes for r in results)
+            if written > options.max_size:
+                raise IdeoquantError(f"--max-size {options.max_size} bytes: the files came to {written} bytes")
         from .model_card import write_model_card
 
         write_model_card(source, options, results, outputs)

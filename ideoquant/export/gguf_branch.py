@@ -68,7 +68,19 @@ def write_gguf_branch(
     bs: BranchSource, source: Source, options: ConvertOptions, outputs: OutputSet, progress: Progress
 ) -> BranchResult:
     """Quantize one branch to a GGUF file, streaming chunk by chunk, then verify it."""
-    choices = gguf_tensor_types(bs.dims, options.fmt)
+    if options.type_plan is not None:
+        choices = options.type_plan[bs.branch]
+    else:
+        choices = gguf_tensor_types(bs.dims, options.fmt)
+    calibration = None
+    if options.calibration is not None:
+        from .gguf_calibration import GGUFCalibration, check_calibration_format
+
+        if options.type_plan is None:
+            check_calibration_format(options.fmt, choices)
+        if options.imatrix is not None:
+            raise IdeoquantError("--calibration takes its importance matrix from the statistics; leave out --imatrix")
+        calibration = GGUFCalibration(Path(options.calibration), bs)
     if options.imatrix is not None and not any(ggml_type(c.qtype).uses_imatrix for c in choices):
         raise IdeoquantError(f"--imatrix has no effect on {options.fmt} (only q4_0 and the K-quants use one); leave it out")
     if options.clamp_overflow and not any(c.qtype in CLAMP_LIMITS for c in choices):
@@ -82,16 +94,25 @@ def write_gguf_branch(
     for qtype in dict.fromkeys(c.qtype for c in choices):
         ggml_type(qtype).prepare()
     recipe = {c.name: {"type": c.qtype.name, "reason": c.reason} for c in choices}
+    if calibration is not None:
+        for c in choices:
+            if calibration.serves(c):
+                recipe[c.name]["encoder"] = "error feedback"
     metadata: dict[str, str | int] = {
         "general.name": f"Ideogram 4 {'unconditional ' if bs.branch != 'transformer' else ''}{gguf_file_tag(options.fmt)}",
         "general.file_type": int(FILE_TYPES[options.fmt]),
         "general.quantization_version": GGML_QUANT_VERSION,
         **common_metadata(bs, source, options),
-        "ideoquant.imatrix": options.imatrix or "none",
+        "ideoquant.imatrix": options.imatrix or ("calibration" if calibration is not None else "none"),
         "ideoquant.recipe": json.dumps(recipe, separators=(",", ":")),
     }
     if options.clamp_overflow:
         metadata["ideoquant.clamp_overflow"] = "true"
+    if calibration is not None:
+        from .gguf_calibration import METADATA_KEY
+
+        metadata[METADATA_KEY] = calibration.metadata()
+    aware_errors: dict[str, tuple[float, float]] = {}
     reports: list[TensorReport] = []
     clamps: dict[str, int] = {}
     with outputs.writing(path) as staged:
@@ -103,12 +124,25 @@ def write_gguf_branch(
                 cls = ggml_type(c.qtype)
                 imatrix = None
                 if cls.uses_imatrix and len(c.shape) == 2:
-                    imatrix = importance(c.name.rsplit(".", 1)[0], c.shape[1])
+                    if calibration is not None:
+                        imatrix = calibration.importance(c.name)
+                    else:
+                        imatrix = importance(c.name.rsplit(".", 1)[0], c.shape[1])
                 limit = CLAMP_LIMITS.get(c.qtype)
                 hint = f"; --clamp-overflow stores them as ±{limit[0]:g}" if limit and not options.clamp_overflow else ""
                 meter = ErrorMeter(c.name, c.qtype.name, hint)
                 clamped = 0
                 writer.begin_tensor(c.name)
+                if calibration is not None and calibration.serves(c):
+                    weight = bs.read_float32(c.name)
+                    aware = calibration.encode(cls, c.name, weight)
+                    writer.write_chunk(aware.data.numpy())
+                    meter.add(cls.dequantize_rows(aware.data), weight)
+                    writer.end_tensor()
+                    aware_errors[c.name] = (aware.aware_error, aware.plain_error)
+                    reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative(), aware.note()))
+                    progress.advance(bs.stored_nbytes(c.name))
+                    continue
                 for rows in bs.iter_float32_rows(c.name):
                     stored = rows
                     if limit is not None and options.clamp_overflow:
@@ -135,7 +169,13 @@ def write_gguf_branch(
         branch=bs.branch,
         files=[path],
         tensors=reports,
-        recipe={"types": recipe, "imatrix": options.imatrix or "none", **({"clamped": clamps} if clamps else {})},
+        recipe={
+            "types": recipe,
+            **({"max_size": options.max_size} if options.max_size is not None else {}),
+            "imatrix": options.imatrix or ("calibration" if calibration is not None else "none"),
+            **({"clamped": clamps} if clamps else {}),
+            **({"calibration": calibration.recipe(aware_errors)} if calibration is not None else {}),
+        },
         source_checksum=str(metadata["ideoquant.source.checksum"]),
         source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
         file_sha256={str(path): digest},

@@ -420,6 +420,16 @@ def protection_lines(protection: Any) -> list[str]:
     return lines
 
 
+def aware_line(calibration: dict) -> str:
+    """The card line of an activation-aware GGUF branch: method and measured gain over round-to-nearest."""
+    line = f"Activation-aware codes ({calibration['method']})"
+    aware, plain = calibration.get("mean_output_error"), calibration.get("mean_output_error_round_to_nearest")
+    if isinstance(aware, (int, float)) and isinstance(plain, (int, float)) and plain > 0:
+        line += (f": mean output error of {calibration.get('linears')} linears on the calibration rows "
+                 f"{aware:.4g}, round-to-nearest {plain:.4g} ({aware / plain:.2f}x)")
+    return line
+
+
 def recipe_lines(recipe: dict) -> list[str]:
     """The bullet lines that summarise a branch's recipe: kept and protected linears, SmoothQuant,
     calibration, then any other short setting."""
@@ -436,7 +446,9 @@ def recipe_lines(recipe: dict) -> list[str]:
     if alphas := _alphas(recipe):
         lines.append(f"SmoothQuant: {alphas}")
     calibration = recipe.get("calibration")
-    if calibration not in (None, "", "none") and (text := _describe(calibration)):
+    if isinstance(calibration, dict) and isinstance(calibration.get("method"), str):
+        lines.append(aware_line(calibration))
+    elif calibration not in (None, "", "none") and (text := _describe(calibration)):
         lines.append(f"Calibration: {text}")
     handled = {"types", "alpha", "alphas", "calibration", "protected", "protection", "quantized", *KEPT_KEYS}
     for key, value in recipe.items():

@@ -40,6 +40,9 @@ class ConvertOptions:
     base_model: str | None = None
     clamp_overflow: bool = False  # GGUF F16/BF16: values beyond the type's range stored as its largest value
     max_shard_bytes: int = 10 * 2**30
+    max_size: int | None = None  # GGUF: bytes of both files; types per tensor from measured sensitivity
+    # GGUF under --max-size: branch -> the planned type of every tensor (set by the pipeline).
+    type_plan: dict | None = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .base import (
 )
 from . import fused_kernel
 from . import iq4
+from . import ref32_kernel
 from .iq4 import KVALUES_IQ4NL, iq4_block_scales, iq4_index
 from .scale_search import (
     INNER_CHUNK_WEIGHTS,
@@ -43,6 +44,19 @@ from .scale_search import (
 _F32 = torch.float32
 
 
+def _encode_q8_0_ref(blocks: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q8_0_ref in eager torch: blocks [n, 32] -> uint8 [n, 34]."""
+    # Block max |x| as max(|max|, |min|): two plain reductions beat abs() + amax.
+    # The abs also makes an all-zero block give +0, as fabsf does in ggml.
+    d = torch.maximum(blocks.amax(dim=1, keepdim=True).abs_(), blocks.amin(dim=1, keepdim=True).abs_()) / 127
+    inv_d = torch.where(d == 0, torch.zeros_like(d), exact_div(1.0, d))
+    out = torch.empty((blocks.shape[0], 34), dtype=torch.uint8)
+    out[:, :2] = fp16_bytes(d.reshape(-1))
+    # Casting to int8 truncates toward zero, which completes roundf.
+    out[:, 2:].view(torch.int8).copy_(round_half_away_inplace(blocks * inv_d))
+    return out
+
+
 class Q8_0(GGMLType):
     """34 bytes per 32 weights: fp16 d = absmax/127, then 32 int8 codes round(x/d)."""
 
@@ -51,16 +65,13 @@ class Q8_0(GGMLType):
     type_size = 34
 
     @classmethod
+    def prepare(cls) -> None:
+        ref32_kernel.compiled_encoder("Q8_0", ref32_kernel.bucket_blocks(), _encode_q8_0_ref)
+
+    @classmethod
     def quantize_blocks(cls, blocks, weights=None):
-        # Block max |x| as max(|max|, |min|): two plain reductions beat abs() + amax.
-        # The abs also makes an all-zero block give +0, as fabsf does in ggml.
-        d = torch.maximum(blocks.amax(dim=1, keepdim=True).abs_(), blocks.amin(dim=1, keepdim=True).abs_()) / 127
-        inv_d = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        out = torch.empty((blocks.shape[0], cls.type_size), dtype=torch.uint8)
-        out[:, :2] = fp16_bytes(d.reshape(-1))
-        # Casting to int8 truncates toward zero, which completes roundf.
-        out[:, 2:].view(torch.int8).copy_(round_half_away_inplace(blocks * inv_d))
-        return out
+        blocks = cpu32(blocks).reshape(-1, 32)
+        return ref32_kernel.encode_blocks("Q8_0", blocks, _encode_q8_0_ref, cls.type_size)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -112,12 +123,16 @@ class Q4_0(GGMLType):
     uses_imatrix = True
 
     @classmethod
+    def prepare(cls) -> None:
+        ref32_kernel.compiled_encoder("Q4_0", ref32_kernel.bucket_blocks(), _encode_q4_0_ref)
+
+    @classmethod
     def quantize_blocks(cls, blocks, weights=None):
         """Without weights: quantize_row_q4_0_ref. With weights [n, 32]: each block is treated
         as a row of its own (ggml's sigma2 is a per-row quantity; see quantize_rows)."""
         blocks = cpu32(blocks).reshape(-1, 32)
         if weights is None:
-            return _encode_q4_0_ref(blocks)
+            return ref32_kernel.encode_blocks("Q4_0", blocks, _encode_q4_0_ref, cls.type_size)
         return cls._impl_rows(blocks, cpu32(weights).reshape(-1, 32))
 
     @classmethod
@@ -127,7 +142,7 @@ class Q4_0(GGMLType):
             raise ValueError(f"{cls.__name__}: row length {k} is not a multiple of {cls.block_size}")
         rows = cpu32(rows)
         if imatrix is None:
-            return _encode_q4_0_ref(rows.reshape(-1, 32)).reshape(m, -1)
+            return ref32_kernel.encode_blocks("Q4_0", rows.reshape(-1, 32), _encode_q4_0_ref, cls.type_size).reshape(m, -1)
         qw = cpu32(imatrix).reshape(1, k).expand(m, k)
         return cls._impl_rows(rows, qw)
 
@@ -277,10 +292,22 @@ def _unpack_fifth_bits(qh: torch.Tensor) -> torch.Tensor:
     return (((qh.reshape(n, 4, 1) >> shifts) & 1) << 4).reshape(n, 32)
 
 
+def _first_zero_of(blocks: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """m [n] with each zero replaced by the block's first +0.0 or -0.0 (in place)."""
+    zero = (m == 0).nonzero().squeeze(1)
+    if zero.numel():
+        sub = blocks[zero]
+        first = (sub == 0).to(torch.uint8).argmax(dim=1, keepdim=True)
+        m[zero] = sub.gather(1, first).squeeze(1)
+    return m
+
+
 def _min_max_ref(blocks: torch.Tensor, nmax: int) -> torch.Tensor:
     """quantize_row_q4_1_ref / q5_1_ref levels and (d, min): returns (L uint8 [n, 32], d, mn)."""
-    mn = blocks.amin(dim=1)
-    mx = blocks.amax(dim=1)
+    # ggml's strict `v < min` / `v > max` scans keep the first of +0.0 and -0.0 (amin and
+    # amax may return either), which sets the sign of a zero min and of d.
+    mn = _first_zero_of(blocks, blocks.amin(dim=1))
+    mx = _first_zero_of(blocks, blocks.amax(dim=1))
     d = (mx - mn) / nmax
     idv = torch.where(d != 0, exact_div(1.0, d), torch.zeros_like(d))
     x0 = (blocks - mn.unsqueeze(1)).mul_(idv.unsqueeze(1))
@@ -337,6 +364,11 @@ class _RowSigmaBlock32(GGMLType):
     fused_search: ClassVar[bool] = False
 
     @classmethod
+    def _search_bucket(cls) -> int | None:
+        """Blocks per chunk of the compiled search with an importance matrix, or None (eager)."""
+        return _qkx_bucket() if cls.fused_search else None
+
+    @classmethod
     def _encode_ref(cls, blocks: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -346,6 +378,7 @@ class _RowSigmaBlock32(GGMLType):
 
     @classmethod
     def prepare(cls) -> None:
+        ref32_kernel.compiled_encoder(cls.__name__, ref32_kernel.bucket_blocks(), cls._eager_ref_chunks)
         if cls.fused_search:
             fused_search_available()
 
@@ -369,6 +402,11 @@ class _RowSigmaBlock32(GGMLType):
 
     @classmethod
     def _ref_chunks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """The `_ref` encoder on blocks [n, 32]: compiled in buckets where available."""
+        return ref32_kernel.encode_blocks(cls.__name__, blocks, cls._eager_ref_chunks, cls.type_size)
+
+    @classmethod
+    def _eager_ref_chunks(cls, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         out = torch.empty((n, cls.type_size), dtype=torch.uint8)
         for a, b in chunk_ranges(n, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // 32)):
@@ -385,8 +423,9 @@ class _RowSigmaBlock32(GGMLType):
             sigma2 = row_sum_squares(x) / float(k)
             w = (x * x).add_(sigma2.unsqueeze(1))
             w = qw[a:b] * exact_sqrt(w)
-            large = x.numel() // 32 >= 8 * fused_kernel.bucket_superblocks() // 4  # else not worth a padded bucket
-            bucket = _qkx_bucket() if cls.fused_search and large else None
+            bucket = cls._search_bucket()
+            if bucket is not None and x.numel() // 32 < bucket // 4:
+                bucket = None  # not worth a padded bucket
             enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), cls._encode_search, cls.type_size, bucket)
             out[a:b] = enc.view(b - a, -1)
         return out
@@ -428,8 +467,18 @@ class Q5_0(_RowSigmaBlock32):
         return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
 
     @classmethod
+    def prepare(cls) -> None:
+        super().prepare()
+        ref32_kernel.compiled_qx_sums(ref32_kernel.qx_bucket_blocks(), 16)
+
+    @classmethod
+    def _search_bucket(cls) -> int | None:
+        bucket = ref32_kernel.qx_bucket_blocks()
+        return bucket if ref32_kernel.compiled_qx_sums(bucket, 16) is not None else None
+
+    @classmethod
     def _encode_search(cls, x, w):
-        d, L = make_qx(_pos_major(x), _pos_major(w), 16, gapped=True)
+        d, L = ref32_kernel.make_qx_blocks(_pos_major(x), _pos_major(w), 16)
         L = ungap33(L).t().to(torch.uint8)
         return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
 

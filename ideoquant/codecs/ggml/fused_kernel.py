@@ -152,3 +152,158 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     out = padded_rows(rows, (blocks,))
     out.copy_(t)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-search kernels on short blocks: make_qp_quants (the 6-bit scales of Q4_K/Q5_K and the
+# 4-bit scales of Q2_K with an importance matrix) and make_q3_quants (Q3_K without one). The
+# block's elements are rows, blocks are columns; every sum and every refinement step is spelled
+# out in ggml's order, and ggml's `nearest_int` is its own bit trick, so the kernels are exact
+# for every float32 input. A block's coordinate refinement stops after a pass that changes
+# nothing; running all five passes is the same, as such a pass leaves the state as it was.
+# --------------------------------------------------------------------------------------------
+
+# Columns (blocks) per call: static, so each kernel compiles once; the last call is zero-padded.
+SHORT_BLOCK_COLS = 8192
+_MAGIC = 12582912.0
+
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int (the 12582912 bit trick) for any float32 v: int32."""
+    bits = (v + _MAGIC).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def qp_quants(x: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """make_qp_quants for every column of x, w [n, C]: float32 [1 + n, C] = scale, then L.
+
+    k [12]: nmax, 1, eps, then the 8 candidate numerators 0.1f*is + nmax (is = -4..4, is != 0),
+    then 0.0, all float32 (tensors, so that no division becomes a multiplication)."""
+    n = x.shape[0]
+    nmax, one, eps, zero = k[0], k[1], k[2], k[11]
+    nmax_i = nmax.to(torch.int32)
+    mx = torch.zeros_like(x[0])
+    for i in range(n):
+        mx = torch.maximum(mx, x[i])
+    is_zero = mx < eps
+    mx = torch.where(is_zero, one, mx)
+
+    def mse_of(scale, levels):
+        err = None
+        for i in range(n):
+            diff = x[i] - scale * levels[i]
+            e = w[i] * diff * diff
+            err = e + 0.0 if err is None else err + e
+        return err
+
+    iscale = nmax / mx
+    first = [(nearest_int(iscale * x[i]) & 0xFF).to(torch.float32) for i in range(n)]
+    best = mse_of(one / iscale, first)
+    for j in range(8):
+        iscale_is = k[3 + j] / mx
+        lv = [torch.minimum(nearest_int(iscale_is * x[i]), nmax_i).to(torch.float32) for i in range(n)]
+        mse = mse_of(one / iscale_is, lv)
+        better = mse < best
+        best = torch.where(better, mse, best)
+        iscale = torch.where(better, iscale_is, iscale)
+    wx = [w[i] * x[i] for i in range(n)]
+    stored, sumlx, suml2 = [], None, None
+    for i in range(n):
+        li = torch.minimum(nearest_int(iscale * x[i]), nmax_i)
+        lf = li.to(torch.float32)
+        stored.append((li & 0xFF).to(torch.float32))
+        a, b = wx[i] * lf, w[i] * lf * lf
+        sumlx = a + 0.0 if sumlx is None else sumlx + a
+        suml2 = b + 0.0 if suml2 is None else suml2 + b
+    for _ in range(5):
+        for i in range(n):
+            li = stored[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new_i = torch.minimum(nearest_int(x[i] * sl2 / slx), nmax_i)
+            new = new_i.to(torch.float32)
+            ok = ok & (new != li)
+            slx = slx + wx[i] * new
+            sl2 = sl2 + w[i] * new * new
+            ok = ok & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            stored[i] = torch.where(ok, (new_i & 0xFF).to(torch.float32), li)
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+    scale = torch.where((suml2 > 0) & ~is_zero, sumlx / suml2, zero)
+    return torch.stack([scale] + [torch.where(is_zero, zero, s) for s in stored])
+
+
+def q3_quants(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """make_q3_quants(n, nmax, do_rmse = true) for every column of x [n, C]: float32 [1 + n, C]
+    = scale, then L + nmax (0 for all-zero blocks). k [5]: -nmax, nmax - 1, 1, eps, 0.0."""
+    n = x.shape[0]
+    neg_nmax, top, one, eps, zero = k[0], k[1], k[2], k[3], k[4]
+    lo_i, hi_i = neg_nmax.to(torch.int32), top.to(torch.int32)
+    amax = torch.zeros_like(x[0])
+    mx = torch.zeros_like(x[0])
+    for i in range(n):
+        ax = torch.abs(x[i])
+        take = ax > amax
+        amax = torch.where(take, ax, amax)
+        mx = torch.where(take, x[i], mx)
+    is_zero = amax < eps
+    iscale = neg_nmax / torch.where(is_zero, one, mx)
+
+    def clamped(v):
+        return torch.clamp(nearest_int(v), lo_i, hi_i).to(torch.float32)
+
+    w = [x[i] * x[i] for i in range(n)]
+    wx = [w[i] * x[i] for i in range(n)]
+    levels, sumlx, suml2 = [], None, None
+    for i in range(n):
+        lf = clamped(iscale * x[i])
+        levels.append(lf)
+        a, b = wx[i] * lf, w[i] * lf * lf
+        sumlx = a + 0.0 if sumlx is None else sumlx + a
+        suml2 = b + 0.0 if suml2 is None else suml2 + b
+    for _ in range(5):
+        for i in range(n):
+            li = levels[i]
+            slx = sumlx - wx[i] * li
+            ok = slx > 0
+            sl2 = suml2 - w[i] * li * li
+            new = clamped(x[i] * sl2 / slx)
+            ok = ok & (new != li)
+            slx = slx + wx[i] * new
+            sl2 = sl2 + w[i] * new * new
+            ok = ok & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            levels[i] = torch.where(ok, new, li)
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+    scale = torch.where((suml2 > 0) & ~is_zero, sumlx / suml2, zero)
+    return torch.stack([scale] + [torch.where(is_zero, zero, lv - neg_nmax) for lv in levels])
+
+
+@functools.cache
+def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor] | None:
+    """fn compiled with static shapes, or None where torch.compile is unusable or turned off."""
+    if not fused_requested():
+        return None
+    try:
+        return torch.compile(fn, dynamic=False, fullgraph=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
+        log.warning("compiled %s unavailable (%s); using the eager encoder", fn.__name__, exc)
+        return None
+
+
+def run_in_columns(step: Callable[..., torch.Tensor], inputs: list[torch.Tensor], consts: torch.Tensor) -> torch.Tensor:
+    """step(*inputs [n, SHORT_BLOCK_COLS], consts) over all columns of inputs [n, C], the last
+    call zero-padded: the concatenated [rows, C] result."""
+    cols = inputs[0].shape[1]
+    parts = []
+    with torch.inference_mode():
+        for a in range(0, cols, SHORT_BLOCK_COLS):
+            b = min(cols, a + SHORT_BLOCK_COLS)
+            chunk = []
+            for t in inputs:
+                c = torch.zeros((t.shape[0], SHORT_BLOCK_COLS), dtype=torch.float32)
+                c[:, : b - a] = t[:, a:b]
+                chunk.append(c)
+            parts.append(step(*chunk, consts)[:, : b - a])
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()

@@ -140,16 +140,28 @@ def compiled_search_available() -> bool:
     return compiled_candidate_sums(bucket_blocks()) is not None
 
 
-def _block_max(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(amax, max): the largest |x| of each block and its signed element (first on ties)."""
-    data = torch.cat([X[:16], X[17:33]])
-    amax, arg = data.abs().max(dim=0)
-    return amax, data.gather(0, arg.unsqueeze(0)).squeeze(0)
+def block_absmax(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(amax, max) of gapped position-major blocks X [33, B]: the largest |x| of each block
+    and its signed element, the first one where +a and -a tie (ggml's `ax > amax` scan).
+
+    From the max and min of the two 16-row halves (plain reductions); only blocks where
+    +a and -a tie look up which comes first."""
+    hi = torch.maximum(X[:16].amax(dim=0), X[17:33].amax(dim=0))
+    lo = torch.minimum(X[:16].amin(dim=0), X[17:33].amin(dim=0))
+    neg = -lo
+    amax = torch.maximum(hi, neg)
+    mx = torch.where(neg > hi, lo, hi)
+    tie = ((neg == hi) & (hi > 0)).nonzero().squeeze(1)
+    if tie.numel():
+        data = torch.cat([X[:16, tie], X[17:33, tie]])
+        arg = data.abs().max(dim=0).indices  # first maximal index
+        mx[tie] = data.gather(0, arg.unsqueeze(0)).squeeze(0)
+    return amax, mx
 
 
 def _candidate_iscales(X: torch.Tensor, ntry: int = IQ4_NTRY) -> torch.Tensor:
     """[1 + 2*ntry + 1, B]: 1/d with d = -max/values[0], then (itry + values[0])/max."""
-    amax, xmax = _block_max(X)
+    amax, xmax = block_absmax(X)
     safe_max = torch.where(amax < GROUP_MAX_EPS, torch.ones_like(xmax), xmax)
     d0 = torch.div(-safe_max, torch.tensor(float(KVALUES_IQ4NL[0]), dtype=_F32))
     rows = [exact_div(1.0, d0)]
@@ -165,7 +177,7 @@ def iq4_block_scales(X: torch.Tensor, W: torch.Tensor, ntry: int = IQ4_NTRY, com
     (0 for blocks whose largest |x| is below GROUP_MAX_EPS) and the block's signed element of
     largest magnitude (first on ties). `compiled`: use the compiled candidate sums on buckets
     of `bucket_blocks()` where they are available."""
-    amax, xmax = _block_max(X)
+    amax, xmax = block_absmax(X)
     zero_blk = amax < GROUP_MAX_EPS
     iscales = _candidate_iscales(X, ntry)
     step = None

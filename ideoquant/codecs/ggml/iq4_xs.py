@@ -4,7 +4,8 @@ Each 32-weight sub-block has its own 6-bit scale relative to one fp16 super-bloc
 The encoder is byte-identical to ggml's `quantize_iq4_xs` (its `_ref` is the same search
 without an importance matrix: weights x*x); the decoder is bit-equal to gguf-py's. Blocks are
 processed in the gapped 33-row position-major layout of `scale_search`, so the sequential sums
-over 32 weights are two 16-row chains (`sum33`).
+over 32 weights are two 16-row chains. The 16 candidate scales of every 32-weight block run
+through IQ4_NL's compiled candidate sums (`iq4`), in buckets of whole super-blocks.
 """
 
 from __future__ import annotations
@@ -12,63 +13,16 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType
 
+from . import iq4
 from .base import fp16_bytes, fp16_from_bytes
+from .iq4 import KVALUES_IQ4NL, iq4_block_scales, iq4_index
 from .kquants import _KQuant, _superblocks_pos_major
 from .kquants23 import importance_weights, superblock_sum_sq
-from .scale_search import GROUP_MAX_EPS, QK_K, exact_div, nearest_int_bits, sum33, ungap33
+from .scale_search import QK_K, chunk_ranges, exact_div, nearest_int_bits, ungap33
 
 _F32 = torch.float32
 
-# ggml's kvalues_iq4nl: the 16 levels of the non-linear 4-bit codebook.
-IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-_VALUES = torch.tensor(IQ4NL_VALUES, dtype=_F32)
-# Candidate scales of the search: ntry = 7 around -max/values[0].
-_NTRY = 7
-
-
-def best_index(v: torch.Tensor) -> torch.Tensor:
-    """ggml's best_index_int8(16, kvalues_iq4nl, v) elementwise: the nearest level's index.
-
-    Ties and the float32 rounding of `x - val[mu-1] < val[mu] - x` are ggml's: the bracketing
-    pair comes from a binary search, then the two differences are compared as ggml does."""
-    mu = torch.bucketize(v, _VALUES, right=True).clamp_(1, 15)  # #levels <= v, within 1..15
-    below = _VALUES[mu - 1]
-    above = _VALUES[mu]
-    idx = mu - ((v - below) < (above - v)).to(mu.dtype)
-    idx = torch.where(v <= _VALUES[0], 0, idx)
-    return torch.where(v >= _VALUES[15], 15, idx)
-
-
-def _weighted_sums(X: torch.Tensor, W: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum of w*q*x and of w*q*q over each gapped 32-element column, sequentially."""
-    wq = W * q
-    sumqx = sum33(wq * X)
-    sumq2 = sum33(wq.mul_(q))
-    return sumqx, sumq2
-
-
-def iq4_block_scales(X: torch.Tensor, W: torch.Tensor, ntry: int = _NTRY) -> torch.Tensor:
-    """The per-32 scale search of ggml's quantize_row_iq4_nl_impl: X, W [33, B] gapped.
-
-    Returns the scale d [B] of each block (0 for all-zero blocks)."""
-    data = ungap33(X)
-    amax, arg = data.abs().max(dim=0)  # first maximal |x|
-    mx = data.gather(0, arg.unsqueeze(0)).squeeze(0)
-    zero_blk = amax < GROUP_MAX_EPS
-    mx = torch.where(zero_blk, torch.ones_like(mx), mx)
-    d = torch.div(-mx, float(IQ4NL_VALUES[0])) if ntry > 0 else torch.div(mx, float(IQ4NL_VALUES[0]))
-    idn = exact_div(1.0, d)
-    sumqx, sumq2 = _weighted_sums(X, W, _VALUES[best_index(X * idn)])
-    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
-    best = d * sumqx
-    for itry in range(-ntry, ntry + 1):
-        idn = exact_div(float(itry + IQ4NL_VALUES[0]), mx)
-        sumqx, sumq2 = _weighted_sums(X, W, _VALUES[best_index(X * idn)])
-        acc = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        new_d = sumqx / sumq2
-        d = torch.where(acc, new_d, d)
-        best = torch.where(acc, new_d * sumqx, best)
-    return d.masked_fill_(zero_blk, 0.0)
+_VALUES = torch.tensor(KVALUES_IQ4NL, dtype=_F32)
 
 
 def _encode_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -81,7 +35,8 @@ def _encode_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         QW = _superblocks_pos_major(qw, 32, 33)
         sigma2 = superblock_sum_sq(x) * (2.0 / QK_K)  # sigma2 *= 2.f/256, exact
         W = importance_weights(X3, QW, sigma2).view(33, -1)
-    scales = iq4_block_scales(X, W).view(8, nsb)
+    scales, _ = iq4_block_scales(X, W)
+    scales = scales.view(8, nsb)
     _, arg = scales.abs().max(dim=0)
     max_scale = scales.gather(0, arg.unsqueeze(0)).squeeze(0)
     d = torch.div(-max_scale, 32.0)
@@ -89,7 +44,7 @@ def _encode_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     l = nearest_int_bits(idn * scales).clamp_(-32, 31)  # [8, nsb]
     dl = (d * l.to(_F32)).view(-1)
     idl = torch.where(dl != 0, exact_div(1.0, dl), torch.zeros_like(dl))
-    L = best_index(ungap33(X) * idl).to(torch.uint8).view(32, 8, nsb)  # [pos, sub, nsb]
+    L = iq4_index(ungap33(X) * idl).to(torch.uint8).view(32, 8, nsb)  # [pos, sub, nsb]
     qs = L[0:16] | (L[16:32] << 4)  # [16, 8, nsb]: byte 16*ib + j
     ls = (l + 32).to(torch.int32)
     scales_l = (ls[0::2] & 0xF) | ((ls[1::2] & 0xF) << 4)  # [4, nsb]
@@ -110,8 +65,30 @@ class IQ4_XS(_KQuant):
     type_size = 136
 
     @classmethod
+    def prepare(cls) -> None:
+        iq4.compiled_search_available()
+
+    @classmethod
     def _encode(cls, x, qw):
         return _encode_iq4_xs(x, qw)
+
+    @classmethod
+    def _encode_chunks(cls, blocks, weights):
+        """Super-blocks in chunks of one compiled IQ4 bucket (8 sub-blocks each), the last one
+        padded with zero super-blocks; the K-quant chunking where the kernel is unavailable."""
+        n = blocks.shape[0]
+        bucket = iq4.bucket_blocks() // 8
+        if n < bucket // 4 or iq4.compiled_candidate_sums(8 * bucket) is None:
+            return super()._encode_chunks(blocks, weights)
+        out = torch.empty((n, cls.type_size), dtype=torch.uint8)
+        for a, b in chunk_ranges(n, bucket):
+            x = blocks[a:b]
+            qw = None if weights is None else weights(a, b)
+            if b - a != bucket:
+                x = torch.cat([x, x.new_zeros(bucket - (b - a), QK_K)])
+                qw = None if qw is None else torch.cat([qw, qw.new_zeros(bucket - (b - a), QK_K)])
+            out[a:b] = _encode_iq4_xs(x.contiguous(), None if qw is None else qw.contiguous())[: b - a]
+        return out
 
     @classmethod
     def dequantize_blocks(cls, blocks):

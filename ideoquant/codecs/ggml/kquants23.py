@@ -243,8 +243,9 @@ def _encode_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         W = importance_weights(X3, QW, sigma2).view(_SUB, -1)
         sw = sum_rows(W).view(_NSUB, nsb)
         scales, mins, L = make_qkx16(X, W, 3, -0.9, 0.05, 36, qkx3=True, use_mad=False)
-        d, ls = make_qp(scales.view(_NSUB, nsb), sw, 15)
-        dmin, lm = make_qp(mins.view(_NSUB, nsb), sw, 15)
+        dd, ll = make_qp(torch.cat([scales.view(_NSUB, nsb), mins.view(_NSUB, nsb)], dim=1), torch.cat([sw, sw], dim=1), 15)
+        d, dmin = dd[:nsb], dd[nsb:]
+        ls, lm = ll[:, :nsb], ll[:, nsb:]
         sc = (ls | (lm << 4)) & 0xFF
     dj = (fp16_round(d).unsqueeze(0) * (sc & 0xF).to(_F32)).view(-1)
     dmj = (fp16_round(dmin).unsqueeze(0) * (sc >> 4).to(_F32)).view(-1)

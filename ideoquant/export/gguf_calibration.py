@@ -1,0 +1,224 @@
+"""Activation-aware GGUF encoding from calibration statistics (`convert --calibration` on GGUF).
+
+Each linear with recorded inputs gets its codes from GPTQ-style error feedback on the stock
+ggml grid (`codecs.ggml.error_feedback`), against the input second-moment matrix
+
+    H = (1 - DIAGONAL_SHARE) * X^T X / n + DIAGONAL_SHARE * diag(E[x^2])
+
+where X are the sampled calibration rows (at most a few hundred per linear) and E[x^2] the
+per-channel mean square over every calibration token. At full width a few hundred rows span
+a small part of the input space: the codes would fit those rows and little else. The
+diagonal from all tokens keeps H full rank and the feedback honest on held-out inputs.
+The headers are the stock encoder's with E[x^2] as importance matrix, so every GGUF reader
+decodes the files unchanged. Columns go in descending E[x^2] order (GPTQ's act-order): the
+channels that carry most signal are rounded first, while the most columns remain to absorb
+their error. Settings chosen on the project's checkpoint (bench/frontier.py), checked on
+generator settings they were not chosen on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..calibrate.statistics import CalibrationStatistics, LinearStatistics
+from ..codecs.ggml.base import GGMLType
+from ..codecs.ggml.error_feedback import (
+    activation_order,
+    inverse_cholesky_factor,
+    quantize_with_feedback,
+    quantize_with_feedback_ordered,
+    supports_feedback,
+)
+from ..codecs.ggml.registry import ggml_type
+from ..errors import IdeoquantError
+from ..io.source import BranchSource
+from ..recipes.gguf_policy import TensorChoice
+from .int8_branch import calibration_summary, load_branch_statistics
+
+METADATA_KEY = "ideoquant.calibration"
+METHOD = ("GPTQ error feedback on the stock ggml grid, columns by descending E[x^2]; "
+          "block headers from ggml's encoder with E[x^2] importance")
+# Share of H taken by the all-token diagonal E[x^2] (see the module docstring).
+DIAGONAL_SHARE = 0.1
+# Damping of H, as a fraction of its mean diagonal.
+DAMPING = 0.05
+# Widest input that gets feedback: H is in_features^2 float32 (12288: 0.6 GB). Wider
+# linears (llm_cond_proj, 53248 inputs) keep the stock encoder with the importance matrix.
+MAX_FEEDBACK_WIDTH = 12288
+# Columns in descending E[x^2] order with headers fixed up front, or in natural order with
+# each span's headers chosen after the feedback it received.
+ACTIVATION_ORDER = True
+
+
+def check_calibration_format(fmt: str, choices: list[TensorChoice]) -> None:
+    """One line when --calibration cannot change a GGUF format's per-block linears."""
+    block_types = {c.qtype for c in choices if c.name.startswith("layers.") and len(c.shape) == 2}
+    unserved = sorted(t.name for t in block_types if not supports_feedback(ggml_type(t)))
+    if not block_types or unserved:
+        raise IdeoquantError(
+            f"--calibration on GGUF applies to q4_0, q4_k, q5_k, q6_k, q8_0, q4_k_m and q5_k_m; "
+            f"{fmt} stores its block linears in {', '.join(unserved) or 'no quantized type'}"
+        )
+
+
+def second_moments(stats: LinearStatistics, diagonal_share: float = DIAGONAL_SHARE) -> torch.Tensor:
+    """H of one linear from its sampled rows and its all-token E[x^2] (float32 [in, in])."""
+    x = stats.samples.to(torch.float32)
+    h = x.T @ x / max(x.shape[0], 1) if x.shape[0] else torch.zeros(x.shape[1], x.shape[1])
+    h.mul_(1.0 - diagonal_share)
+    torch.diagonal(h).add_(diagonal_share * stats.importance())
+    return h
+
+
+def output_error(weight: torch.Tensor, decoded: torch.Tensor, rows: torch.Tensor) -> float:
+    """||X (W_q - W)^T|| / ||X W^T|| on the given input rows."""
+    exact = rows @ weight.T
+    return float((rows @ decoded.T - exact).norm() / exact.norm().clamp_min(1e-30))
+
+
+@dataclass
+class AwareTensor:
+    """One tensor encoded with feedback, with its output errors on the calibration rows."""
+
+    data: torch.Tensor
+    aware_error: float
+    plain_error: float
+
+    def note(self) -> str:
+        """The report line of this tensor."""
+        return (
+            f"error feedback: output error on the calibration rows {self.aware_error:.4g} "
+            f"(round-to-nearest {self.plain_error:.4g})"
+        )
+
+
+class GGUFCalibration:
+    """The calibration statistics of one branch, used by the GGUF writer."""
+
+    def __init__(self, path: Path, bs: BranchSource):
+        self.path = Path(path)
+        self.stats: CalibrationStatistics = load_branch_statistics(self.path, bs)
+        self.summary = calibration_summary(self.stats, self.path, bs)
+        self.branch = bs.branch
+
+    def linear(self, name: str) -> LinearStatistics | None:
+        """Statistics of the linear that owns weight `name` (None where it saw no data)."""
+        st = self.stats.get(self.branch, name.rsplit(".", 1)[0])
+        return st if st is not None and st.count > 0 else None
+
+    def importance(self, name: str) -> torch.Tensor | None:
+        """E[x^2] of the weight's input channels, or None."""
+        st = self.linear(name)
+        return None if st is None else st.importance()
+
+    def serves(self, c: TensorChoice) -> bool:
+        """Whether this tensor gets error feedback."""
+        return (
+            len(c.shape) == 2
+            and c.shape[1] <= MAX_FEEDBACK_WIDTH
+            and supports_feedback(ggml_type(c.qtype))
+            and self.linear(c.name) is not None
+        )
+
+    def encode(self, cls: type[GGMLType], name: str, weight: torch.Tensor) -> AwareTensor:
+        """Encode a weight [out, in] with feedback; measure both encodings on the calibration rows."""
+        st = self.linear(name)
+        assert st is not None
+        importance = st.importance()
+        hessian = second_moments(st, DIAGONAL_SHARE)
+        if ACTIVATION_ORDER:
+            data = quantize_with_feedback_ordered(cls, weight, hessian, activation_order(hessian), importance, DAMPING)
+        else:
+            data = quantize_with_feedback(cls, weight, inverse_cholesky_factor(hessian, DAMPING), importance)
+        rows = st.samples.to(torch.float32)
+        plain = cls.dequantize_rows(cls.quantize_rows(weight, importance))
+        aware = cls.dequantize_rows(data)
+        if rows.shape[0] == 0:
+            return AwareTensor(data, float("nan"), float("nan"))
+        return AwareTensor(data, output_error(weight, aware, rows), output_error(weight, plain, rows))
+
+    def settings(self) -> dict:
+        """The calibration behind the file and how it was used."""
+        return {**self.summary, "method": METHOD, "diagonal_share": DIAGONAL_SHARE, "damping": DAMPING}
+
+    def metadata(self) -> str:
+        """The JSON of the file's `ideoquant.calibration` key (written before any tensor)."""
+        return json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))
+
+    def recipe(self, errors: dict[str, tuple[float, float]]) -> dict:
+        """What the report and the card keep: the settings and each linear's measured errors."""
+        aware = [a for a, _ in errors.values()]
+        plain = [p for _, p in errors.values()]
+        return {
+            **self.settings(),
+            "linears": len(errors),
+            "mean_output_error": sum(aware) / len(aware) if aware else None,
+            "mean_output_error_round_to_nearest": sum(plain) / len(plain) if plain else None,
+            "per_linear": {n: {"aware": round(a, 6), "round_to_nearest": round(p, 6)} for n, (a, p) in errors.items()},
+        }
+
+
+# --- --max-size: measured sensitivity of every tensor in every candidate type -----------------
+
+# Rows of a tensor measured per candidate type (evenly spaced): relative errors settle long before.
+SENSITIVITY_ROWS = 512
+# File bytes besides the tensor data: header, key-value metadata and tensor infos (per file),
+# plus per tensor its info, its recipe entry and alignment padding.
+HEADER_BYTES = 16 << 10
+BYTES_PER_TENSOR = 400
+
+
+def weighted_error(cls: type[GGMLType], rows: torch.Tensor, importance: torch.Tensor | None) -> float:
+    """sum_j E[x_j^2] ||dW_j||^2 / sum_j E[x_j^2] ||W_j||^2 of rows encoded in `cls` (ones without statistics)."""
+    imatrix = importance if cls.uses_imatrix else None
+    decoded = cls.dequantize_rows(cls.quantize_rows(rows, imatrix))
+    weights = torch.ones(rows.shape[1]) if importance is None else importance
+    num = float(((decoded - rows).square().sum(0) * weights).sum())
+    den = float((rows.square().sum(0) * weights).sum())
+    return num / max(den, 1e-30)
+
+
+def plan_max_size(source, options) -> dict[str, list[TensorChoice]]:
+    """The type of every tensor of every selected branch under `options.max_size` bytes (both files)."""
+    from ..calibrate.statistics import residual_gains
+    from ..recipes.gguf_budget import Option, budget_choices, candidate_types, choose_within_budget
+    from ..recipes.gguf_policy import gguf_tensor_types
+
+    options_by_key: dict[tuple[str, str], list[Option]] = {}
+    errors: dict[str, dict[str, dict]] = {}
+    bases: dict[str, list[TensorChoice]] = {}
+    fixed = 0
+    for branch, bs in source.branches.items():
+        base = gguf_tensor_types(bs.dims, options.fmt)
+        bases[branch] = base
+        calibration = GGUFCalibration(Path(options.calibration), bs) if options.calibration is not None else None
+        gains = residual_gains(calibration.stats.energies.get(branch, {})) if calibration is not None else {}
+        errors[branch] = {}
+        fixed += HEADER_BYTES
+        for c in base:
+            fixed += BYTES_PER_TENSOR
+            if len(c.shape) != 2:
+                fixed += ggml_type(c.qtype).row_bytes(c.shape[-1])
+                continue
+            weight = bs.read_float32(c.name)
+            pick = torch.linspace(0, c.shape[0] - 1, min(c.shape[0], SENSITIVITY_ROWS)).round().long()
+            rows = weight[pick].contiguous()
+            importance = calibration.importance(c.name) if calibration is not None else None
+            gain = gains.get(c.name.rsplit(".", 1)[0], 1.0)
+            per_type = {}
+            for qtype in candidate_types(c.shape[-1]):
+                cls = ggml_type(qtype)
+                per_type[qtype] = weighted_error(cls, rows, importance) * gain * gain
+            errors[branch][c.name] = per_type
+            options_by_key[(branch, c.name)] = [
+                Option(t, ggml_type(t).row_bytes(c.shape[-1]) * c.shape[0], e) for t, e in per_type.items()
+            ]
+    chosen, _ = choose_within_budget(options_by_key, fixed, options.max_size)
+    return {
+        branch: budget_choices(base, {n: o for (b, n), o in chosen.items() if b == branch}, options.max_size, errors[branch])
+        for branch, base in bases.items()
+    }
