@@ -161,6 +161,8 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
               help="GGUF: both files together at most this size (11GiB, 11GB, or bytes); the type of every "
                    "tensor (Q3_K..Q8_0) chosen from its measured sensitivity.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="INT8: fixed SmoothQuant alpha.")
+@click.option("--rounding", type=click.Choice(["error_feedback", "nearest"]), default="error_feedback", show_default=True,
+              help="INT8: weight rounding: GPTQ error feedback on the calibration rows, or to nearest (the paper's).")
 @click.option("--protect-budget", default=None,
               help="INT8: bf16 bytes per branch for the linears with the best measured error reduction per byte: "
                    "a fraction of the int8-eligible linear weights (0.11, 11%) or a size (1.5GiB). "
@@ -181,7 +183,7 @@ def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, calibration: Path | None,
-            max_size: str | None, alpha: float | None, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
+            max_size: str | None, alpha: float | None, rounding: str, protect_budget: str | None, protect: int | None, protect_patterns: tuple[str, ...], all_linears: bool,
             double_quant: bool, layout: str, base_model: str | None, clamp_overflow: bool, overwrite: bool,
             quiet: bool) -> None:
     """Convert SRC (folder, file or Hub repo id) to FORMAT under OUT, then verify it."""
@@ -198,7 +200,7 @@ def convert(src: str, fmt: str, out: Path, branches: str, imatrix: str | None, c
     budget = DEFAULT_PROTECT_BUDGET if protect_budget is None else parse_protect_budget(protect_budget)
     options = ConvertOptions(
         fmt=fmt, out=out, branches=branches, overwrite=overwrite, quiet=quiet, imatrix=imatrix,
-        calibration=calibration, alpha=alpha, protect_budget=budget, protect=protect,
+        calibration=calibration, alpha=alpha, rounding=rounding, protect_budget=budget, protect=protect,
         protect_patterns=protect_patterns, all_linears=all_linears, double_quant=double_quant, layout=layout,
         base_model=base_model, clamp_overflow=clamp_overflow,
         max_size=None if max_size is None else parse_max_size(max_size),

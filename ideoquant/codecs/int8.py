@@ -111,8 +111,11 @@ def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     h[:, dead] = 0.0
     diag[dead] = 1.0
     diag += damp * float(diag.mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True)
+    # With J the order reversal and L the lower Cholesky factor of J H J, U = J L^-1 J is upper
+    # triangular with U^T U = H^-1: one factorization and one triangular inverse.
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
 
 
 def quantize_weight_error_feedback(

@@ -258,6 +258,7 @@ def write_int8_branch(
     stats = load_branch_statistics(Path(options.calibration), bs)
     settings = Int8Settings(
         alpha=options.alpha,
+        rounding=options.rounding,
         protect_budget=parse_protect_budget(options.protect_budget),
         protect=options.protect,
         protect_patterns=tuple(options.protect_patterns),

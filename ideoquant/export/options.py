@@ -27,6 +27,7 @@ class ConvertOptions:
     imatrix: str | None = None  # GGUF: None, "ones", or a calibration statistics file
     calibration: Path | None = None  # INT8: statistics file from `ideoquant calibrate`
     alpha: float | None = None  # INT8: fixed SmoothQuant alpha (None = searched per linear)
+    rounding: str = "error_feedback"  # INT8 weights: GPTQ error feedback or round-to-nearest
     # INT8 protection: a budget of bf16 bytes (fraction of the int8-eligible weights or a size)
     # spent on the linears with the best measured error reduction per byte...
     protect_budget: ProtectBudget | str | float = DEFAULT_PROTECT_BUDGET
