@@ -138,21 +138,23 @@ def quantize_weight_error_feedback(
     step = max(1, QUANT_CHUNK_ELEMENTS // max(1, in_features))
     for start in range(0, out_features, step):
         rows = weight[start : start + step].to(torch.float32)
-        s = rows.abs().amax(dim=1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
-        w = rows[:, order].clone()
+        s = (rows.abs().amax(dim=1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX)[:, 0]
+        # Transposed, [in, rows]: each input column is one contiguous row, so the per-column
+        # sweep touches contiguous memory.
+        w = rows.t()[order].contiguous()
         codes = torch.empty_like(w)
         for c0 in range(0, in_features, ERROR_FEEDBACK_BLOCK):
             c1 = min(c0 + ERROR_FEEDBACK_BLOCK, in_features)
-            block = w[:, c0:c1]
+            block = w[c0:c1]
             errors = torch.empty_like(block)
             for i in range(c1 - c0):
-                column = block[:, i]
-                code = torch.round(column / s[:, 0]).clamp_(-INT8_MAX, INT8_MAX)
-                codes[:, c0 + i] = code
-                err = (column - code * s[:, 0]) / u[c0 + i, c0 + i]
-                block[:, i:] -= err[:, None] * u[c0 + i, c0 + i : c1][None, :]
-                errors[:, i] = err
-            w[:, c1:] -= errors @ u[c0:c1, c1:]
-        q[start : start + step] = codes[:, inverse_order].to(torch.int8)
-        scale[start : start + step] = s
+                column = block[i]
+                code = torch.round(column / s).clamp_(-INT8_MAX, INT8_MAX)
+                codes[c0 + i] = code
+                err = (column - code * s) / u[c0 + i, c0 + i]
+                block[i:].sub_(torch.outer(u[c0 + i, c0 + i : c1], err))
+                errors[i] = err
+            w[c1:] -= u[c0:c1, c1:].t() @ errors
+        q[start : start + step] = codes[inverse_order].t().to(torch.int8)
+        scale[start : start + step] = s[:, None]
     return q, scale
