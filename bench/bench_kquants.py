@@ -12,7 +12,7 @@ The tensors look like trained weights: gaussian rows with uneven (log-normal) ro
 per-column scale variation, and a few large outliers.
 
 Usage: python bench/bench_kquants.py [--types Q4_K,Q6_K] [--paths ref,imatrix]
-       [--shapes 12288x4608,4608x12288] [--rows N] [--repeat 1] [--threads N] [--ggml LIB]
+       [--shapes 12288x4608,4608x12288] [--rows N] [--repeat 1] [--threads N] [--ggml LIB] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -75,9 +75,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--rows", type=int, default=0, help="encode only the first N rows of each shape")
     parser.add_argument("--ggml", default=None, help="libggml-base.so: time ggml's single-thread encoder too")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU seconds (with --threads 1, steadier than wall time on a busy machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     tensors = {s: realistic_weight(*s, seed=i) for i, s in enumerate(shapes)}
@@ -97,17 +100,17 @@ def main() -> None:
                 cls.quantize_tensor(w[:64], imatrix)  # warm-up (lazy checks, allocator)
                 best = float("inf")
                 for _ in range(args.repeat):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     ours = cls.quantize_tensor(w, imatrix)
-                    best = min(best, time.perf_counter() - t0)
+                    best = min(best, clock() - t0)
                 rate = w.numel() / best / 1e6
                 line = f"{name:6s} {path:8s} {w.shape[0]:>5d}x{w.shape[1]:<6d} {best:9.2f} {rate:12.1f}"
                 if ggml is not None:
                     theirs_best = float("inf")
                     for _ in range(args.repeat):
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         theirs = ggml(name, w, imatrix)
-                        theirs_best = min(theirs_best, time.perf_counter() - t0)
+                        theirs_best = min(theirs_best, clock() - t0)
                     theirs_rate = w.numel() / theirs_best / 1e6
                     same = "yes" if (ours.numpy() == theirs).all() else "NO"
                     line += f" {theirs_rate:11.1f} {rate / theirs_rate:6.2f} {same}"

@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from ideoquant.codecs.ggml import iq4
+from ideoquant.codecs.ggml import fused_kernel, iq4, iq4_xs, kquants23, scale_search
 from ideoquant.codecs.ggml.registry import ggml_type
 
 DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
@@ -165,3 +165,76 @@ def test_compiled_iq4_xs_search_matches_ggml(ref, path, monkeypatch):
     got = ggml_type("IQ4_XS").quantize_rows(torch.from_numpy(np.tile(rows, (reps, 1))), _imatrix(ref, 512, path)).numpy()
     assert any(used), "the compiled kernel was not used"
     assert np.array_equal(got, np.tile(want, (reps, 1)))
+
+
+# --- the compiled short-block kernels (make_q3_quants, make_qp_quants) -----------------------
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler"
+)
+
+
+@pytest.fixture
+def fresh_short_kernels():
+    """Forget which short-block kernels were compiled and checked, before and after the test."""
+
+    def clear():
+        kquants23.fused_q3_step.cache_clear()
+        scale_search.fused_qp_step.cache_clear()
+        fused_kernel.compiled.cache_clear()
+
+    clear()
+    yield
+    clear()
+
+
+def _assert_matches_vectors(ref, cases):
+    for n, case, qtype, path in cases:
+        got = ggml_type(qtype).quantize_rows(torch.from_numpy(ref[f"n{n}/{case}/input"]), _imatrix(ref, n, path)).numpy()
+        assert np.array_equal(got, ref[f"n{n}/{case}/{qtype}{path}"]), f"n{n} {case} {qtype}{path}"
+
+
+# Q3_K without an importance matrix runs make_q3_quants; Q2_K, Q4_K and Q5_K with one run make_qp_quants.
+SHORT_KERNEL_CASES = [k for k in REFERENCE_KEYS if (k[2], k[3]) in (("Q3_K", ""), ("Q2_K", "+imatrix_random"))]
+
+
+@needs_compiler
+def test_short_block_kernels_are_compiled_and_exact_here():
+    """The self-checks the encoders run before trusting the kernels (adversarial blocks)."""
+    assert kquants23.fused_q3_step() is not None
+    assert scale_search.fused_qp_step(8) is not None  # Q4_K / Q5_K scales and mins
+    assert scale_search.fused_qp_step(16) is not None  # Q2_K scales and mins
+
+
+def test_eager_short_block_searches_match_ggml(ref, fresh_short_kernels, monkeypatch):
+    """The eager fallbacks of both kernels still write ggml's bytes."""
+    monkeypatch.setenv("IDEOQUANT_FUSED", "0")
+    assert kquants23.fused_q3_step() is None and scale_search.fused_qp_step(16) is None
+    _assert_matches_vectors(ref, SHORT_KERNEL_CASES)
+    im = [(n, "gaussian", t, "+imatrix_random") for n in (256, 512) for t in ("Q4_K", "Q5_K")]
+    _assert_matches_vectors(ref, im)
+
+
+def test_a_short_block_kernel_that_disagrees_is_not_used(ref, fresh_short_kernels, monkeypatch, caplog):
+    def one_ulp_off(fn):
+        def step(*args):
+            out = fn(*args)
+            out[0] = torch.nextafter(out[0], torch.full_like(out[0], float("inf")))
+            return out
+
+        return step
+
+    monkeypatch.setattr(fused_kernel, "compiled", one_ulp_off)
+    assert kquants23.fused_q3_step() is None
+    assert scale_search.fused_qp_step(16) is None
+    assert "compiled q3_quants not used" in caplog.text and "compiled qp_quants not used" in caplog.text
+    _assert_matches_vectors(ref, SHORT_KERNEL_CASES[:6])
+
+
+def test_short_block_compile_failure_falls_back_to_eager(fresh_short_kernels, monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert kquants23.fused_q3_step() is None
+    assert "no C++ compiler" in caplog.text

@@ -28,9 +28,10 @@ thousand weights, so the temporaries stay small; the search loops run over candi
 and over positions in a block, never over blocks.
 
 Speed. The candidate loop of Q4_K/Q5_K (21 to 37 candidates per block) is most of the work;
-on buckets of whole super-blocks it runs through a compiled kernel (`kquant_fused`), which
+on buckets of whole super-blocks it runs through a compiled kernel (`fused_kernel`), which
 is checked against the eager loop here once per process and replaced by it when it is not
-available or not exact.
+available or not exact. make_qp_quants (and Q3_K's make_q3_quants) run whole through compiled
+kernels too, checked the same way (`checked_kernel`).
 """
 
 from __future__ import annotations
