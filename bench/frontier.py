@@ -101,7 +101,8 @@ def _png(path: Path, pixels: list[bytearray], width: int, height: int) -> None:
 
 
 def plot(path: Path, report: dict) -> None:
-    """Error against size: one point per variant (plain squares, aware discs, --max-size triangles),
+    """Error against size: one point per variant (plain grey squares, aware coloured discs,
+    --max-size coloured squares; triangles with matplotlib),
     one hue per checkpoint; log-scaled error axis."""
     try:
         import matplotlib
