@@ -68,8 +68,14 @@ def measure(name: str, spec: dict, args: argparse.Namespace) -> dict:
                                                   args.text_tokens, branch)]
         references[branch] = velocities(load_source_transformer(bs, keep_fp8=False), calls[branch])
     rows = {}
+    budgeted = args.budget_formats.split(",") if args.budget_formats else []
     for fmt in args.formats.split(","):
-        for variant, extra in (("plain", {}), ("aware", {"calibration": stats_path})):
+        variants = [("plain", {}), ("aware", {"calibration": stats_path})]
+        if fmt in budgeted:  # --max-size at the plain file's size, with calibration
+            variants.append(("budget", {"calibration": stats_path}))
+        for variant, extra in variants:
+            if variant == "budget":
+                extra = {**extra, "max_size": rows[f"{fmt} plain"]["bytes"]}
             out = folder / f"{fmt}-{variant}"
             start = time.perf_counter()
             convert(str(src), ConvertOptions(fmt=fmt, out=out, quiet=True, overwrite=True, **extra))
@@ -95,7 +101,8 @@ def _png(path: Path, pixels: list[bytearray], width: int, height: int) -> None:
 
 
 def plot(path: Path, report: dict) -> None:
-    """Error against size: one point per variant (plain grey squares, aware coloured discs),
+    """Error against size: one point per variant (plain grey squares, aware coloured discs,
+    --max-size coloured squares; triangles with matplotlib),
     one hue per checkpoint; log-scaled error axis."""
     try:
         import matplotlib
@@ -110,10 +117,10 @@ def plot(path: Path, report: dict) -> None:
     if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, cp in enumerate(report["checkpoints"]):
-            for variant, marker in (("plain", "s"), ("aware", "o")):
+            for variant, marker in (("plain", "s"), ("aware", "o"), ("budget", "^")):
                 pts = sorted((r["bytes"] / 2**20, r["velocity"], r["format"]) for c, r in points if c == cp and r["variant"] == variant)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=f"C{i}",
-                        linestyle="-" if variant == "aware" else ":", label=f"{cp} {variant}")
+                        linestyle=":" if variant == "plain" else "-", label=f"{cp} {variant}")
                 for x, y, f in pts:
                     ax.annotate(f, (x, y), fontsize=6)
         ax.set_yscale("log")
@@ -135,7 +142,7 @@ def plot(path: Path, report: dict) -> None:
     for (cp, r), y in zip(points, ys):
         px = margin + int((r["bytes"] - x0) / max(x1 - x0, 1) * (width - 2 * margin))
         py = height - margin - int((y - y0) / max(y1 - y0, 1e-9) * (height - 2 * margin))
-        color = hues[names.index(cp) % len(hues)] if r["variant"] == "aware" else (128, 128, 128)
+        color = hues[names.index(cp) % len(hues)] if r["variant"] != "plain" else (128, 128, 128)
         for dy in range(-3, 4):
             for dx in range(-3, 4):
                 if r["variant"] == "aware" and dx * dx + dy * dy > 9:
@@ -159,6 +166,8 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--eval-inputs", type=int, default=2)
     parser.add_argument("--eval-steps", type=int, default=4, help="held-out timesteps per input")
+    parser.add_argument("--budget-formats", default="q4_k",
+                        help="formats also converted with --max-size at their plain size (and --calibration)")
     parser.add_argument("--only", default=None, help="run only the checkpoints whose name contains this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/frontier"))
@@ -175,11 +184,13 @@ def main() -> None:
             continue
         report["checkpoints"][name] = measure(name, spec, args)
         (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'checkpoint':<34} {'format':<7} {'plain':>8} {'aware':>8} {'aware/plain':>11}")
+    print(f"\n{'checkpoint':<34} {'format':<7} {'plain':>8} {'aware':>8} {'aware/plain':>11} {'budget':>8} {'budget/plain':>12}")
     for name, res in report["checkpoints"].items():
         for fmt in args.formats.split(","):
             p, a = res["rows"][f"{fmt} plain"]["velocity"], res["rows"][f"{fmt} aware"]["velocity"]
-            print(f"{name:<34} {fmt:<7} {p:8.4f} {a:8.4f} {a / p:11.3f}")
+            b = res["rows"].get(f"{fmt} budget", {}).get("velocity")
+            tail = f" {b:8.4f} {b / p:12.3f}" if b is not None else ""
+            print(f"{name:<34} {fmt:<7} {p:8.4f} {a:8.4f} {a / p:11.3f}{tail}")
     plot(args.out / "frontier.png", report)
     print(f"\nreport: {args.out / 'report.json'}, plot: {args.out / 'frontier.png'}")
 

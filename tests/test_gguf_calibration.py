@@ -68,6 +68,8 @@ def test_aware_file_decodes_with_gguf_and_records_the_calibration(q4k_pair):
     report = json.loads((aware / "quantization_report.json").read_text())
     text = json.dumps(report)
     assert "error feedback" in text and "round-to-nearest" in text
+    card = (aware / "README.md").read_text()
+    assert "Activation-aware codes" in card and "round-to-nearest" in card
 
 
 @torch.no_grad()

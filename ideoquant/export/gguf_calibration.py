@@ -185,6 +185,7 @@ def weighted_error(cls: type[GGMLType], rows: torch.Tensor, importance: torch.Te
 def plan_max_size(source, options) -> dict[str, list[TensorChoice]]:
     """The type of every tensor of every selected branch under `options.max_size` bytes (both files)."""
     from ..calibrate.statistics import residual_gains
+    from ..model.inventory import linear_specs
     from ..recipes.gguf_budget import Option, budget_choices, candidate_types, choose_within_budget
     from ..recipes.gguf_policy import gguf_tensor_types
 
@@ -194,6 +195,7 @@ def plan_max_size(source, options) -> dict[str, list[TensorChoice]]:
     fixed = 0
     for branch, bs in source.branches.items():
         base = gguf_tensor_types(bs.dims, options.fmt)
+        linear_weights = {s.name for s in linear_specs(bs.dims)}
         bases[branch] = base
         calibration = GGUFCalibration(Path(options.calibration), bs) if options.calibration is not None else None
         gains = residual_gains(calibration.stats.energies.get(branch, {})) if calibration is not None else {}
@@ -209,6 +211,8 @@ def plan_max_size(source, options) -> dict[str, list[TensorChoice]]:
             rows = weight[pick].contiguous()
             importance = calibration.importance(c.name) if calibration is not None else None
             gain = gains.get(c.name.rsplit(".", 1)[0], 1.0)
+            if calibration is not None and importance is None and c.name in linear_weights:
+                gain = 0.0  # a linear that calibration saw no input reach (uncond llm_cond_proj)
             per_type = {}
             for qtype in candidate_types(c.shape[-1]):
                 cls = ggml_type(qtype)
