@@ -15,7 +15,6 @@ Usage: python bench/bench_convert.py --format q8_0 [--layers 2] [--work bench_ou
 from __future__ import annotations
 
 import argparse
-import ctypes
 import resource
 import shlex
 import shutil
@@ -23,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ggml_lib import load_ggml
 
 import numpy as np
 
@@ -39,12 +40,7 @@ UNBLOCKED = (QT.F32, QT.F16, QT.BF16)
 
 def ggml_seconds(lib_path: str, source, fmt: str, imatrix: bool, max_rows: int) -> tuple[float, int]:
     """Seconds ggml's single-thread encoder spends on the plan's block-type tensors, and their weights."""
-    lib = ctypes.CDLL(lib_path)
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_row_size.restype = ctypes.c_size_t
-    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib = load_ggml(lib_path)
     seconds, weights = 0.0, 0
     for bs in source.branches.values():
         for choice in gguf_tensor_types(bs.dims, fmt):

@@ -18,10 +18,11 @@ Usage: python bench/bench_kquants.py [--types Q4_K,Q6_K] [--paths ref,imatrix]
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import time
 from pathlib import Path
+
+from ggml_lib import load_ggml
 
 import torch
 
@@ -47,12 +48,7 @@ def ggml_encoder(lib_path: str):
     import numpy as np
     from gguf import GGMLQuantizationType
 
-    lib = ctypes.CDLL(lib_path)
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_row_size.restype = ctypes.c_size_t
-    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib = load_ggml(lib_path)
 
     def encode(name: str, w: torch.Tensor, imatrix: torch.Tensor | None) -> np.ndarray:
         t = int(GGMLQuantizationType[name])
