@@ -55,6 +55,8 @@ def checkpoints(layers: int) -> dict[str, dict]:
     tiny = ModelDims(**{**TINY.as_dict(), "num_layers": layers})
     wide = ModelDims(in_channels=64, hidden=384, head_dim=64, intermediate=1024, adaln_dim=128, llm_features=768,
                      num_layers=layers)
+    other_wide = ModelDims(in_channels=64, hidden=320, head_dim=64, intermediate=896, adaln_dim=128, llm_features=640,
+                           num_layers=layers)
     return {
         "project (seed 0)": {"dims": tiny, "seed": 0, "outliers": OutlierPattern()},
         "seed 11": {"dims": tiny, "seed": 11, "outliers": OutlierPattern()},
@@ -63,6 +65,9 @@ def checkpoints(layers: int) -> dict[str, dict]:
                                     "outliers": OutlierPattern(norm_gain=40.0, norm_every=64, weight_gain=6.0, weight_every=128)},
         "sparse norm outliers only, seed 6": {"dims": tiny, "seed": 6,
                                               "outliers": OutlierPattern(norm_gain=25.0, norm_every=256, weight_gain=1.0)},
+        "sparse norm x18 in 1/128, seed 23": {"dims": tiny, "seed": 23,
+                                              "outliers": OutlierPattern(norm_gain=18.0, norm_every=128, weight_gain=1.0)},
+        "wide 320/896, seed 17": {"dims": other_wide, "seed": 17, "outliers": OutlierPattern()},
     }
 
 
@@ -101,7 +106,8 @@ def measure(name: str, spec: dict, args: argparse.Namespace) -> dict:
     src, stats_path = folder / "pipeline", folder / "stats.safetensors"
     dims = write_synthetic_pipeline(src, dims=spec["dims"], seed=spec["seed"], outliers=spec["outliers"])
     calibrate(src, stats_path, synthetic=True, steps=args.steps, resolution=args.resolution, seed=spec["seed"],
-              synthetic_inputs=args.calibration_inputs, text_tokens=args.text_tokens, max_samples=256, quiet=True)
+              synthetic_inputs=args.calibration_inputs, text_tokens=args.text_tokens, max_samples=args.max_samples,
+              quiet=True)
     stats = load_statistics(stats_path)
     source = open_source(src)
     result: dict = {"dims": dims.as_dict(), "seed": spec["seed"], "outliers": spec["outliers"].__dict__, "branches": {}}
@@ -140,14 +146,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="calibration timesteps per input")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--max-samples", type=int, default=512,
+                        help="calibration sample rows kept per linear (the `calibrate` default)")
     parser.add_argument("--eval-inputs", type=int, default=2)
     parser.add_argument("--eval-steps", type=int, default=4, help="held-out timesteps per input")
+    parser.add_argument("--alpha-finalists", type=int, default=0,
+                        help="what-if: alphas compared with error feedback per group (0: the recipe's ALPHA_FINALISTS)")
     parser.add_argument("--only", default=None, help="run only the checkpoints whose name contains this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/int8_errors"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.alpha_finalists:
+        import ideoquant.export.smoothing as smoothing
+
+        smoothing.ALPHA_FINALISTS = args.alpha_finalists
     args.out.mkdir(parents=True, exist_ok=True)
 
     report: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "checkpoints": {}}

@@ -143,6 +143,28 @@ def test_searched_alpha_is_the_best_measured(setup):
         assert c.alpha is not None and c.error < 0.6 * c.error_plain, (m, c)
 
 
+def test_planning_rounds_each_linear_once(setup, monkeypatch):
+    """Error feedback dominates planning time at full width: one rounding per linear, not one per alpha."""
+    import ideoquant.export.smoothing as smoothing
+
+    source, stats = setup
+    bs = source.branches["transformer"]
+    shapes: list[tuple[int, int]] = []
+    real = smoothing.quantize_weight_error_feedback
+
+    def counting(weight, second_moment, *args, **kwargs):
+        shapes.append(tuple(weight.shape))
+        return real(weight, second_moment, *args, **kwargs)
+
+    monkeypatch.setattr(smoothing, "quantize_weight_error_feedback", counting)
+    recipe = plan_int8(bs.dims, bs.read_float32, stats.branch("transformer"), Int8Settings(protect=0))
+    measured = [m for m, c in recipe.linears.items() if c.error is not None and c.quantized]
+    # Every measured linear that had rows enough for error feedback was rounded exactly once.
+    assert len(shapes) == len(measured)
+    expected = sorted(tuple(bs.read_float32(m + ".weight").shape) for m in measured)
+    assert sorted(shapes) == expected
+
+
 def test_protected_set_is_the_measured_worst(setup):
     source, stats = setup
     bs = source.branches["unconditional_transformer"]

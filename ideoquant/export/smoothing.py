@@ -18,10 +18,10 @@ same per-channel scales and plain int8 codes, each column's rounding error pushe
 columns not yet rounded, using the second moment of the (smoothed) calibration sample rows.
 
 Alpha is chosen per group in two rounds: the W8A8 output error with round-to-nearest weights
-on all sample rows ranks the candidates ("no smoothing" is one of them); the best few
-(`ALPHA_FINALISTS`) are then rounded with error feedback fitted on part of the rows and
-measured on the rows held out, so the choice rewards what generalizes, not what the fit
-memorized; a linear whose held-out error is lower with round-to-nearest keeps that. Every linear's remaining error (held-out, with the rounding it is written with),
+on all sample rows ranks the candidates ("no smoothing" is one of them); the best
+`ALPHA_FINALISTS` (one: each rounding of a wide linear is costly) are then rounded with error
+feedback fitted on part of the rows and measured on the rows held out, so the choice rewards
+what generalizes, not what the fit memorized; a linear whose held-out error is lower with round-to-nearest keeps that. Every linear's remaining error (held-out, with the rounding it is written with),
 scaled to what it does to the residual stream (a block linear's branch adds only a
 fraction of the stream, measured during calibration), is its impact. Protection spends a
 budget of bf16 bytes (`recipes.int8_policy`): linears are taken by measured error reduction

@@ -16,7 +16,10 @@ from ..model.inventory import ModelDims, expected_tensors
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # The best alphas by round-to-nearest error that are then compared with error-feedback rounding.
-ALPHA_FINALISTS = 3
+# One: each error-feedback rounding of a 12288-input `w2` costs tens of seconds on a CPU
+# (bench/int8_rounding_cost.py), and the held-out comparison of three finalists did not
+# lower the end-to-end error (bench/int8_errors.py; README "INT8 W8A8").
+ALPHA_FINALISTS = 1
 # How int8 weights may be rounded: error feedback (GPTQ, the default) or to nearest.
 ROUNDINGS = ("error_feedback", "nearest")
 # Every HELD_OUT_EVERY-th calibration sample row is held out of the error-feedback fit and
