@@ -122,3 +122,19 @@ def test_inverse_cholesky_factor_of_a_known_matrix():
     assert torch.allclose(u.T @ u, torch.linalg.inv(damped), atol=1e-6)
     assert torch.allclose(torch.triu(u), u)
     assert float(u[0, 2]) == 0.0 and float(u[1, 2]) == 0.0
+
+
+def test_inverse_cholesky_factor_damps_more_until_it_factors():
+    """An indefinite H (eigenvalues 2.05 and -0.05) fails at 1.01 on the diagonal and factors at
+    1.11 (damping 0.01 + ten times that once): U^T U is the inverse of that matrix."""
+    h = torch.tensor([[1.0, 1.05], [1.05, 1.0]])
+    u = ef.inverse_cholesky_factor(h, damping=0.01)
+    retried = torch.tensor([[1.11, 1.05], [1.05, 1.11]], dtype=torch.float64)
+    torch.testing.assert_close(u.double().T @ u.double(), torch.linalg.inv(retried), rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_cholesky_factor_of_non_finite_statistics_is_an_error():
+    h = torch.eye(4)
+    h[1, 2] = h[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="does not factor"):
+        ef.inverse_cholesky_factor(h, damping=0.01)

@@ -31,6 +31,7 @@ FORMATS = {
     "q4_k_m": [], "q5_k_m": [], "nf4": [], "nf4-dq": ["--double-quant"],
     "q4_k-imatrix": ["--imatrix", "ones"],
     "int8": ["--protect", "3"],
+    "q4_k-aware": [], "q5_k_m-aware": [], "q4_0-aware": [],
 }
 LAYERS = "3"
 
@@ -91,7 +92,7 @@ def run(work: Path, stats: Path | None) -> tuple[dict, Path]:
         if out.exists():
             shutil.rmtree(out)
         args = ["convert", str(src), "--format", fmt, "--out", str(out), "--quiet", *extra]
-        if fmt == "int8":
+        if fmt == "int8" or name.endswith("-aware"):
             args += ["--calibration", str(stats)]
         _cli(*args)
         manifest[name] = digests(out)

@@ -29,6 +29,7 @@ from ..codecs.ggml.base import GGMLType
 from ..codecs.ggml.error_feedback import (
     activation_order,
     inverse_cholesky_factor,
+    permuted,
     quantize_with_feedback,
     quantize_with_feedback_ordered,
     supports_feedback,
@@ -129,11 +130,21 @@ class GGUFCalibration:
         st = self.linear(name)
         assert st is not None
         importance = st.importance()
+        # At 12288 inputs H is 0.6 GB in float32: each k x k copy is dropped as soon as the next exists.
         hessian = second_moments(st, DIAGONAL_SHARE)
-        if ACTIVATION_ORDER:
-            data = quantize_with_feedback_ordered(cls, weight, hessian, activation_order(hessian), importance, DAMPING)
+        order = activation_order(hessian) if ACTIVATION_ORDER else None
+        if order is not None:
+            hessian = permuted(hessian, order)
+        try:
+            factor = inverse_cholesky_factor(hessian, DAMPING)
+        except ValueError as e:
+            raise IdeoquantError(f"{self.path}: {name}: {e}") from None
+        del hessian
+        if order is not None:
+            data = quantize_with_feedback_ordered(cls, weight, factor, order, importance)
         else:
-            data = quantize_with_feedback(cls, weight, inverse_cholesky_factor(hessian, DAMPING), importance)
+            data = quantize_with_feedback(cls, weight, factor, importance)
+        del factor
         rows = st.samples.to(torch.float32)
         plain = cls.dequantize_rows(cls.quantize_rows(weight, importance))
         aware = cls.dequantize_rows(data)

@@ -166,11 +166,8 @@ def rows_with_codes(cls: type[GGMLType], rows: torch.Tensor, q: torch.Tensor) ->
     return blocks.reshape(m, -1)
 
 
-def inverse_cholesky_factor(hessian: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (float32 [k, k]), H damped by `damping` x its mean diagonal.
-
-    Channels that never carried signal (zero diagonal) get the mean diagonal, so they take
-    no feedback and pass none on."""
+def _damped_float64(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """H in float64 with dead channels given the mean diagonal, plus `damping` x that mean."""
     h = hessian.to(torch.float64).clone()
     diag = torch.diagonal(h)
     dead = diag <= 0
@@ -179,13 +176,31 @@ def inverse_cholesky_factor(hessian: torch.Tensor, damping: float = 0.01) -> tor
     h[:, dead] = 0
     diag[dead] = mean
     diag += damping * mean
-    for _ in range(6):  # an ill-conditioned H: more damping until it factors
-        chol, info = torch.linalg.cholesky_ex(h)
+    return h, mean
+
+
+def inverse_cholesky_factor(hessian: torch.Tensor, damping: float = 0.01, retries: int = 5) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (float32 [k, k]), H damped by `damping` x its mean diagonal.
+
+    Channels that never carried signal (zero diagonal) get the mean diagonal, so they take
+    no feedback and pass none on. An H that does not factor gets ten times more damping, up
+    to `retries` times."""
+    # Every step works in place on one float64 matrix: at 12288 inputs each copy is 1.2 GB.
+    h, mean = _damped_float64(hessian, damping)
+    info = torch.empty((), dtype=torch.int32)
+    for attempt in range(retries + 1):
+        torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
             break
-        diag += damping * mean * 10
-    inv = torch.cholesky_inverse(chol)
-    return torch.linalg.cholesky(inv, upper=True).to(_F32)
+        if attempt == retries:
+            raise ValueError(f"second-moment matrix [{h.shape[0]}, {h.shape[1]}] does not factor even with "
+                             f"{retries} times more damping (non-finite calibration statistics?)")
+        del h
+        h, mean = _damped_float64(hessian, damping)
+        torch.diagonal(h).add_(damping * mean * 10 * (attempt + 1))
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky(h, upper=True, out=h)
+    return h.to(_F32)
 
 
 def _feedback_columns(
@@ -249,21 +264,27 @@ def activation_order(hessian: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
 
 
+def permuted(hessian: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """H with rows and columns taken in `order` (one k x k copy alive at a time)."""
+    rows = hessian.index_select(0, order)
+    return rows.index_select(1, order)
+
+
 def quantize_with_feedback_ordered(
     cls: type[GGMLType],
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hinv_factor: torch.Tensor,
     order: torch.Tensor,
     importance: torch.Tensor | None = None,
-    damping: float = 0.01,
     batch: int = 128,
     chunk_weights: int = CHUNK_WEIGHTS,
 ) -> torch.Tensor:
-    """GPTQ with columns in `order` (e.g. `activation_order`); headers fixed beforehand by the
+    """GPTQ with columns in `order` (e.g. `activation_order`), `hinv_factor` the
+    `inverse_cholesky_factor` of H permuted to that order; headers fixed beforehand by the
     stock encoder on the original weight, since a block's columns no longer come together."""
     grid = GRIDS[cls.qtype]
     m, k = weight.shape
-    u = inverse_cholesky_factor(hessian[order][:, order], damping)
+    u = hinv_factor.to(_F32)
     out = torch.empty((m, cls.row_bytes(k)), dtype=torch.uint8)
     step_rows = max(1, chunk_weights // k)
     for r0 in range(0, m, step_rows):
