@@ -137,14 +137,20 @@ def synth(out: Path, layers: int | None, size: str, dtype: str, layout: str, see
 @click.argument("path", type=str)
 @click.option("--plan", "plan_fmt", type=click.Choice(ALL_FORMATS), default=None,
               help="For a source: show the per-tensor type a format would choose.")
+@click.option("--max-size", default=None, metavar="SIZE",
+              help="With --plan (GGUF): the types `convert --max-size SIZE` would choose (11GiB, 11GB or bytes).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --plan (GGUF): statistics file; shows which tensors get activation-aware codes.")
 @click.option("--metadata/--no-metadata", default=True, show_default=True, help="Print file metadata.")
 @one_line_errors
-def inspect(path: str, plan_fmt: str | None, metadata: bool) -> None:
+def inspect(path: str, plan_fmt: str | None, max_size: str | None, calibration: Path | None, metadata: bool) -> None:
     """Print a table of a source or an output: name, shape, dtype/type, bytes; metadata; totals."""
     from .export.inspect import inspect_path
+    from .recipes.gguf_budget import parse_max_size
 
     _setup_logging(quiet=True)
-    click.echo(inspect_path(path, plan_fmt=plan_fmt, show_metadata=metadata))
+    click.echo(inspect_path(path, plan_fmt=plan_fmt, show_metadata=metadata,
+                            max_size=None if max_size is None else parse_max_size(max_size), calibration=calibration))
 
 
 # --- convert -----------------------------------------------------------------------------

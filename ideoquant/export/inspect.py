@@ -16,11 +16,19 @@ from .report import format_table, human_bytes
 MAX_VALUE_CHARS = 200
 
 
-def inspect_path(path: str, plan_fmt: str | None = None, show_metadata: bool = True) -> str:
+def inspect_path(
+    path: str,
+    plan_fmt: str | None = None,
+    show_metadata: bool = True,
+    max_size: int | None = None,
+    calibration: Path | None = None,
+) -> str:
     """A printable description of a GGUF file, a folder of outputs, or a source."""
     p = Path(path)
+    if (max_size is not None or calibration is not None) and plan_fmt is None:
+        raise IdeoquantError("--max-size and --calibration shape a plan: give --plan FORMAT too")
     if plan_fmt is not None:
-        return _plan(path, plan_fmt)
+        return _plan(path, plan_fmt, max_size, calibration)
     if p.is_file() and p.suffix == ".gguf":
         return inspect_gguf(p, show_metadata)
     if p.is_dir():
@@ -92,22 +100,47 @@ def inspect_safetensors(path: Path, show_metadata: bool = True) -> str:
     return "\n".join(out).rstrip()
 
 
-def _plan(src: str, fmt: str | None) -> str:
-    """The source's canonical inventory, and with a format the type chosen per tensor."""
+def _plan(src: str, fmt: str | None, max_size: int | None = None, calibration: Path | None = None) -> str:
+    """The source's canonical inventory, and with a format the type chosen per tensor: the
+    same planning `convert` runs, `--max-size` and `--calibration` included."""
     from ..recipes.formats import is_gguf_format
     from ..recipes.gguf_policy import gguf_tensor_types
     from ..recipes.nf4_policy import nf4_kept_linears
 
+    if fmt is not None and not is_gguf_format(fmt) and (max_size is not None or calibration is not None):
+        raise IdeoquantError(f"inspect --plan: --max-size and --calibration plan GGUF formats, not {fmt}")
     source = open_source(src)
+    type_plan = None
+    if max_size is not None:
+        from .gguf_calibration import plan_max_size
+        from .options import ConvertOptions
+
+        type_plan = plan_max_size(source, ConvertOptions(fmt=fmt, out=Path("."), max_size=max_size, calibration=calibration))
     out = []
+    planned_bytes = 0
     for branch, bs in source.branches.items():
         out.append(f"{branch}: {bs.layout} layout, linears {bs.source_dtype}, dims {bs.dims.as_dict()}")
         if fmt is None:
             rows = [[n, str(list(s.shape)), s.kind, human_bytes(bs.stored_nbytes(n))] for n, s in bs.specs.items()]
             out.append(format_table(["name", "shape", "kind", "stored bytes"], rows))
         elif is_gguf_format(fmt):
-            rows = [[c.name, str(list(c.shape)), c.qtype.name, c.reason] for c in gguf_tensor_types(bs.dims, fmt)]
-            out.append(format_table(["name", "shape", "type", "why"], rows))
+            choices = type_plan[branch] if type_plan is not None else gguf_tensor_types(bs.dims, fmt)
+            rows = [[c.name, str(list(c.shape)), c.qtype.name, human_bytes(_tensor_bytes(c)), c.reason] for c in choices]
+            header = ["name", "shape", "type", "bytes", "why"]
+            if calibration is not None:
+                from .gguf_calibration import GGUFCalibration, check_calibration_format
+
+                if type_plan is None:
+                    check_calibration_format(fmt, choices)
+                aware = GGUFCalibration(Path(calibration), bs)
+                for row, c in zip(rows, choices):
+                    stored_as_is = c.qtype.name in ("F32", "F16", "BF16")
+                    row.insert(3, "error feedback" if aware.serves(c) else "-" if stored_as_is else "stock encoder")
+                header.insert(3, "encoding")
+            out.append(format_table(header, rows))
+            branch_bytes = sum(_tensor_bytes(c) for c in choices)
+            planned_bytes += branch_bytes
+            out.append(f"tensor data: {human_bytes(branch_bytes)} ({branch_bytes:,} bytes)")
         else:
             kept = nf4_kept_linears(bs.dims)
             rows = [[n, str(list(s.shape)), (f"bf16: {kept[s.module]}" if s.module in kept else fmt) if s.kind == "linear" else "kept"]
@@ -116,4 +149,16 @@ def _plan(src: str, fmt: str | None) -> str:
             if fmt == "int8":
                 out.append("int8: the protected set is chosen at conversion time from calibration measurements")
         out.append(f"total: {len(bs.specs)} tensors, {bs.total_weights:,} weights")
+    if max_size is not None:
+        out.append(f"--max-size {max_size:,} bytes: {planned_bytes:,} bytes of tensor data planned for both files")
     return "\n".join(out)
+
+
+def _tensor_bytes(choice) -> int:
+    """Bytes of one planned tensor's data in its ggml type."""
+    from ..codecs.ggml.registry import ggml_type
+
+    rows = 1
+    for d in choice.shape[:-1]:
+        rows *= d
+    return rows * ggml_type(choice.qtype).row_bytes(choice.shape[-1])
