@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,18 @@ def test_aware_file_decodes_with_gguf_and_records_the_calibration(q4k_pair):
     assert "error feedback" in text and "round-to-nearest" in text
     card = (aware / "README.md").read_text()
     assert "Activation-aware codes" in card and "round-to-nearest" in card
+    # The card's figures are the report's per-linear measurements, averaged, and say what they are.
+    per_linear = report["branches"]["transformer"]["recipe"]["calibration"]["per_linear"]
+    mean_aware = sum(v["aware"] for v in per_linear.values()) / len(per_linear)
+    mean_plain = sum(v["round_to_nearest"] for v in per_linear.values()) / len(per_linear)
+    line = next(l for l in card.splitlines() if "Activation-aware codes" in l)
+    assert f"of {len(per_linear)} linears" in line
+    shown = re.search(r"calibration rows ([0-9.e-]+), round-to-nearest ([0-9.e-]+) \(([0-9.]+)x\)", line)
+    assert shown is not None, line
+    assert float(shown[1]) == pytest.approx(mean_aware, rel=1e-3)
+    assert float(shown[2]) == pytest.approx(mean_plain, rel=1e-3)
+    assert float(shown[3]) == pytest.approx(mean_aware / mean_plain, abs=0.006)
+    assert "in sample" in line and "does not measure the end-to-end gain" in line
 
 
 @torch.no_grad()

@@ -426,7 +426,9 @@ def aware_line(calibration: dict) -> str:
     aware, plain = calibration.get("mean_output_error"), calibration.get("mean_output_error_round_to_nearest")
     if isinstance(aware, (int, float)) and isinstance(plain, (int, float)) and plain > 0:
         line += (f": mean output error of {calibration.get('linears')} linears on the calibration rows "
-                 f"{aware:.4g}, round-to-nearest {plain:.4g} ({aware / plain:.2f}x)")
+                 f"{aware:.4g}, round-to-nearest {plain:.4g} ({aware / plain:.2f}x). This gain is in sample, "
+                 f"per linear, on the rows the codes were fitted to; the conversion does not measure the "
+                 f"end-to-end gain on other inputs, which is smaller")
     return line
 
 
