@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-q8 bench-q4k bench-nf4 bench-kquants bench-runtime bench-int8 bench-int8-cost bench-q3k-mix clean
+.PHONY: demo test bench bench-q8 bench-q4k bench-nf4 bench-kquants bench-runtime bench-int8 bench-int8-cost bench-calibrated bench-q3k-mix clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-runtime: $(STAMP)
 
 bench-int8: $(STAMP)
 	$(PY) bench/int8_errors.py --layers 8 --threads 1 --out bench_out/int8_errors
+
+bench-calibrated: $(STAMP)
+	$(PY) bench/bench_calibrated_convert.py --work bench_out
 
 bench-int8-cost: $(STAMP)
 	$(PY) bench/int8_rounding_cost.py --threads 2
