@@ -32,6 +32,11 @@ FORMATS = {
     "q4_k-imatrix": ["--imatrix", "ones"],
     "int8": ["--protect", "3"],
     "q4_k-aware": [], "q5_k_m-aware": [], "q4_0-aware": [],
+    "q4_1": [], "q5_0": [], "q5_1": [], "q3_k": [], "q2_k": [], "iq4_nl": [], "iq4_xs": [],
+    "q3_k_m": [],
+    "q5_k-imatrix": ["--imatrix", "ones"], "q4_1-imatrix": ["--imatrix", "ones"],
+    "q5_1-imatrix": ["--imatrix", "ones"], "q3_k-imatrix": ["--imatrix", "ones"],
+    "q2_k-imatrix": ["--imatrix", "ones"], "iq4_xs-imatrix": ["--imatrix", "ones"],
 }
 LAYERS = "3"
 
