@@ -307,3 +307,159 @@ def run_in_columns(step: Callable[..., torch.Tensor], inputs: list[torch.Tensor]
                 chunk.append(c)
             parts.append(step(*chunk, consts)[:, : b - a])
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
+
+
+# --------------------------------------------------------------------------------------------
+# The whole candidate loop of make_qkx2/3_quants as one C++ function (`qkx_search_cpp`).
+#
+# `qkx_candidate` is one candidate per call: each of the 21 (Q4_K/Q5_K) or 37 (with an
+# importance matrix) candidates reads the blocks and weights again from memory, and each call
+# costs Python overhead. The function below runs all candidates of 16 blocks while those stay
+# in L1 cache, 16 blocks across the lanes of a GCC vector, so the search is bound by
+# arithmetic instead of memory. It is `qkx_candidate`'s arithmetic, in the same order, built
+# by inductor's C++ builder with inductor's flags (IEEE float, -ffp-contract=off: no fused
+# multiply-adds) and cached on disk by torch like the inductor kernels. Comparisons are
+# written so that NaN propagates as in torch.maximum and torch.clamp. It is checked against the eager loop before use, as the
+# inductor kernel is (`scale_search.fused_qkx_search`).
+# --------------------------------------------------------------------------------------------
+
+QKX_SEARCH_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* 16 blocks, one per lane of a GCC vector (one AVX-512 register, two AVX ones). */
+#define LANES 16
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+
+static inline vf load(const float* p) { vf r; memcpy(&r, p, sizeof r); return r; }
+static inline void store(float* p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* 16 consecutive floats of p from column b0 on, zeros past the n that exist. */
+static inline vf load_n(const float* p, int64_t b0, int n) {
+    if (n == LANES) return load(p + b0);
+    float t[LANES] = {0};
+    memcpy(t, p + b0, sizeof(float) * n);
+    return load(t);
+}
+
+static inline void store_n(float* p, int64_t b0, int n, vf v) {
+    if (n == LANES) { store(p + b0, v); return; }
+    float t[LANES];
+    store(t, v);
+    memcpy(p + b0, t, sizeof(float) * n);
+}
+
+static void qkx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* v,
+                      int64_t B, float* s, int64_t b0, int n, const float* cs, int64_t ncand,
+                      float nmax_f) {
+    vf xs[32], ws[32], lv[32];
+    for (int r = 0; r < 32; ++r) {
+        const int row = r < 16 ? r : r + 1; /* gapped layout: row 16 is scratch */
+        xs[r] = load_n(x + row * ldx, b0, n);
+        ws[r] = load_n(w + row * ldw, b0, n);
+    }
+    const vf mx = load_n(v, b0, n), sw = load_n(v + B, b0, n), sx = load_n(v + 2 * B, b0, n);
+    vf best = load_n(s, b0, n), scale = load_n(s + B, b0, n), lis = load_n(s + 2 * B, b0, n);
+    vf lmin = load_n(s + 3 * B, b0, n), mn = load_n(s + 4 * B, b0, n), mnhi = load_n(s + 5 * B, b0, n);
+    const vf zero = {0}, nmax = zero + nmax_f, magic = zero + 12582912.0f;
+    for (int64_t c = 0; c < ncand; ++c) {
+        const vf isc = (zero + cs[c]) / (mx - mn);
+        vf sl = zero, sl2 = zero, sxl = zero, err = zero;
+        for (int r = 0; r < 32; ++r) {
+            /* Round half to even by the 1.5*2^23 trick: torch.round wherever the result
+               survives the clamp to [0, nmax]; NaN stays NaN, as in torch.clamp. */
+            vf q = ((xs[r] - mn) * isc + magic) - magic;
+            q = q < zero ? zero : q;
+            q = q > nmax ? nmax : q;
+            lv[r] = q;
+            const vf wl = ws[r] * q;
+            sl = sl + wl;
+            sl2 = sl2 + wl * q;
+            sxl = sxl + wl * xs[r];
+        }
+        const vf D = sw * sl2 - sl * sl;
+        const vf m = (sl2 * sx - sl * sxl) / D;
+        const vi pos = m > zero;
+        const vf tm = pos ? zero : m;
+        const vf ts = pos ? sxl / sl2 : (sw * sxl - sx * sl) / D;
+        for (int r = 0; r < 32; ++r) {
+            const vf diff = ts * lv[r] + tm - xs[r];
+            err = err + ws[r] * (diff * diff);
+        }
+        const vi take = (D > zero) & (err < best);
+        const vf hi = mnhi > mn ? mnhi : mn;
+        mnhi = mnhi != mnhi ? mnhi : hi; /* torch.maximum propagates NaN */
+        best = take ? err : best;
+        scale = take ? ts : scale;
+        lis = take ? isc : lis;
+        lmin = take ? mn : lmin;
+        mn = take ? tm : mn;
+    }
+    store_n(s, b0, n, best); store_n(s + B, b0, n, scale); store_n(s + 2 * B, b0, n, lis);
+    store_n(s + 3 * B, b0, n, lmin); store_n(s + 4 * B, b0, n, mn); store_n(s + 5 * B, b0, n, mnhi);
+}
+
+extern "C" void qkx_search(const float* x, int64_t ldx, const float* w, int64_t ldw,
+                           const float* v, int64_t B, float* s, const float* cs,
+                           int64_t ncand, float nmax, int64_t threads) {
+    const int64_t groups = (B + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * LANES;
+        const int n = (int)(B - b0 < LANES ? B - b0 : LANES);
+        qkx_group(x, ldx, w, ldw, v, B, s, b0, n, cs, ncand, nmax);
+    }
+}
+"""
+
+
+@functools.cache
+def compiled_qkx_search() -> Callable[..., torch.Tensor] | None:
+    """`QKX_SEARCH_SOURCE` built and loaded as `qkx_search_cpp`'s kernel, or None where it
+    cannot be built (no C++ compiler) or the fused kernels are turned off."""
+    if not fused_requested():
+        return None
+    try:
+        import ctypes
+
+        from torch._inductor.codecache import CppCodeCache
+
+        fn = CppCodeCache.load(QKX_SEARCH_SOURCE, needs_vec_isa=True).qkx_search
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_float, i64]
+        fn.restype = None
+        return fn
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
+        log.warning("compiled K-quant search unavailable (%s); using the eager encoder", exc)
+        return None
+
+
+def qkx_search_cpp(
+    kernel: Callable[..., None],
+    x: torch.Tensor,
+    w: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    numerators: list[float],
+    nmax: int,
+) -> torch.Tensor:
+    """All candidates of `qkx_search` through the C++ kernel: x, w [33, B], v [3, B], s [6, B]
+    as there; returns the new state [6, B]."""
+    x, w = _unit_stride(x), _unit_stride(w)
+    v = v.to(torch.float32).contiguous()
+    out = s.to(torch.float32).contiguous().clone()
+    cs = torch.tensor(numerators, dtype=torch.float32)
+    blocks = x.shape[1]
+    kernel(
+        x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), v.data_ptr(), blocks,
+        out.data_ptr(), cs.data_ptr(), len(numerators), float(nmax), max(1, torch.get_num_threads()),
+    )
+    return out
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """t [33, B] float32 with unit column stride (the rows may lie further apart)."""
+    if t.dtype == torch.float32 and t.stride(1) == 1:
+        return t
+    return t.to(torch.float32).contiguous()
