@@ -30,7 +30,6 @@ from .scale_search import (
     cpu32,
     exact_div,
     exact_sqrt,
-    fused_candidate_step,
     fused_search_available,
     gapped33,
     make_qkx_all,
@@ -244,13 +243,6 @@ def _encode_block_chunks(
     return out
 
 
-def _qkx_bucket() -> int | None:
-    """Blocks per chunk for the make_qkx3_quants search: a bucket of the compiled Q4_K/Q5_K
-    candidate kernel (the same search) where that kernel is available."""
-    bucket = fused_kernel.bucket_superblocks()
-    return 8 * bucket if fused_candidate_step(bucket) is not None else None
-
-
 def _iq4_bucket() -> int | None:
     bucket = iq4.bucket_blocks()
     return bucket if iq4.compiled_candidate_sums(bucket) is not None else None
@@ -362,8 +354,8 @@ class _RowSigmaBlock32(GGMLType):
 
     @classmethod
     def _search_bucket(cls) -> int | None:
-        """Blocks per chunk of the compiled search with an importance matrix, or None (eager)."""
-        return _qkx_bucket() if cls.fused_search else None
+        """Blocks per chunk of a compiled search that takes fixed-size buckets, or None."""
+        return None
 
     @classmethod
     def _encode_ref(cls, blocks: torch.Tensor) -> torch.Tensor:

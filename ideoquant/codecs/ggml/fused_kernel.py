@@ -1,21 +1,17 @@
-"""Fused CPU kernel for the hot loop of the Q4_K/Q5_K encoders (torch.compile), eager fallback.
+"""Compiled CPU kernels of the ggml encoders' scale searches, each with an eager fallback.
 
-Each candidate scale of ggml's make_qkx2_quants / make_qkx3_quants costs some fifteen passes
-over the blocks in eager torch (quantize, three weighted sums, least-squares fit, weighted
-error, select). `qkx_candidate` writes one candidate for a whole bucket of blocks with one
-[B]-wide operation per position, so that inductor turns it into three loops over the blocks
-with the intermediates in registers: the Q4_K encoder runs two to three times faster.
+* `qkx_search_cpp`: the whole candidate loop of ggml's make_qkx2_quants / make_qkx3_quants
+  (Q4_K, Q5_K; Q4_1 and Q5_1 with an importance matrix), one C++ function built with
+  inductor's C++ builder (see below);
+* `qp_quants`, `q3_quants`: make_qp_quants and make_q3_quants whole, through torch.compile.
 
-Exactness. The function is float32 arithmetic in ggml's order: products and sums are spelled
-out one position after the other, never as reductions, and inductor's C++ keeps IEEE
-semantics (no -ffast-math; -ffp-contract=off, so no fused multiply-adds). The encoder still
-checks the compiled kernel against its eager code once per process before trusting it
-(`scale_search.fused_candidate_step`) and falls back to the eager code on any mismatch or
-compile failure (no C++ compiler, say).
-
-Shapes are static: one bucket of `bucket_superblocks()` per call, so inductor compiles one
-kernel per thread count, once (about 17 s on two cores; torch then caches it on disk, and
-later processes spend about 4 s loading it). Set IDEOQUANT_FUSED=0 to use the eager code only.
+Exactness. Each kernel is float32 arithmetic in ggml's order: products and sums are spelled
+out one position after the other, never as reductions, and the C++ is built with IEEE
+semantics (no -ffast-math; -ffp-contract=off, so no fused multiply-adds). The encoders still
+check each kernel against their eager code once per process before trusting it
+(`scale_search.fused_qkx_search`, `scale_search.checked_kernel`) and fall back to the eager
+code on any mismatch or build failure (no C++ compiler, say). Set IDEOQUANT_FUSED=0 to use
+the eager code only.
 """
 
 from __future__ import annotations
@@ -30,73 +26,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Super-blocks per fused call and thread: enough work (~200 us) to make the per-call overhead
-# (~35 us of Python) small; measured best on 1 and 2 threads (twice as many thrash the cache).
-# The bucket is static, so each thread count compiles its own kernel.
-SUPERBLOCKS_PER_THREAD = 2048
-MAX_BUCKET_SUPERBLOCKS = 8192
-# The rows of the kernel's input are this many floats further apart than their length: 33
-# rows a power of two apart would all fall into the same cache sets and evict each other.
+# The rows of the 33-row gapped buffers are this many floats further apart than their
+# length: 33 rows a power of two apart would all fall into the same cache sets and evict
+# each other.
 ROW_PAD = 16
-
-# Rows of the gapped 33-row position-major layout (`scale_search.gapped33`) that hold data.
-GAPPED_ROWS = tuple(range(16)) + tuple(range(17, 33))
-
-
-def qkx_candidate(
-    x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, c: torch.Tensor, s: torch.Tensor, nmax: torch.Tensor
-) -> torch.Tensor:
-    """One candidate of make_qkx2/3_quants (use_mad = false) for every block: the new state.
-
-    x, w [33, B]: x and its weights, gapped position-major (column = block), rows ROW_PAD
-    floats apart beyond their length;
-    v [3, B]: block max, sum(w), sum(w*x); c: the candidate's `rmin + rdelta*is + nmax`;
-    s [6, B]: best error, scale, (iscale, min) of the winning levels, current min, largest
-    min used so far. Levels are clamp(round((x - min)*iscale), 0, nmax): the caller makes
-    sure that round-half-even is ggml's nearest_int on these blocks (see `make_qkx`).
-    """
-    mx, sum_w, sum_x = v[0], v[1], v[2]
-    best, scale, l_iscale, l_min, mn, mn_hi = s.unbind(0)
-    iscale = c / (mx - mn)
-    levels = []
-    sum_l = sum_l2 = sum_xl = None
-    for r in GAPPED_ROWS:
-        xr, wr = x[r], w[r]
-        lv = torch.clamp(torch.round((xr - mn) * iscale), torch.zeros_like(xr), nmax)
-        levels.append(lv)
-        wl = wr * lv
-        if sum_l is None:  # ggml starts each sum from 0.0f
-            sum_l, sum_l2, sum_xl = wl + 0.0, wl * lv + 0.0, wl * xr + 0.0
-        else:
-            sum_l, sum_l2, sum_xl = sum_l + wl, sum_l2 + wl * lv, sum_xl + wl * xr
-    D = sum_w * sum_l2 - sum_l * sum_l
-    this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-    positive = this_min > 0
-    this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-    this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-    err = None
-    for r, lv in zip(GAPPED_ROWS, levels):
-        diff = this_scale * lv + this_min - x[r]
-        e = w[r] * (diff * diff)
-        err = e + 0.0 if err is None else err + e
-    take = (D > 0) & (err < best)
-    return torch.stack(
-        (
-            torch.where(take, err, best),
-            torch.where(take, this_scale, scale),
-            torch.where(take, iscale, l_iscale),
-            torch.where(take, mn, l_min),
-            torch.where(take, this_min, mn),
-            torch.maximum(mn_hi, mn),
-        )
-    )
-
-
-def bucket_superblocks(threads: int | None = None) -> int:
-    """Super-blocks per call of the compiled kernel for this many torch threads."""
-    threads = torch.get_num_threads() if threads is None else threads
-    return min(MAX_BUCKET_SUPERBLOCKS, SUPERBLOCKS_PER_THREAD * max(1, threads))
 
 
 def fused_requested() -> bool:
@@ -104,54 +37,11 @@ def fused_requested() -> bool:
     return os.environ.get("IDEOQUANT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-@functools.cache
-def compiled_qkx_candidate() -> Callable[..., torch.Tensor] | None:
-    """`qkx_candidate` compiled for one static bucket, or None where torch.compile is unusable."""
-    if not fused_requested():
-        return None
-    try:
-        return torch.compile(qkx_candidate, dynamic=False, fullgraph=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
-        log.warning("fused K-quant kernel unavailable (%s); using the eager encoder", exc)
-        return None
-
-
 def padded_rows(rows: int, inner: tuple[int, ...]) -> torch.Tensor:
     """An empty float32 [rows, *inner] whose rows lie ROW_PAD floats further apart than their
-    length: the layout the kernel takes without a copy."""
+    length (`qkx_search_cpp` takes it without a copy)."""
     n = math.prod(inner)
     return torch.empty((rows, n + ROW_PAD), dtype=torch.float32)[:, :n].view((rows, *inner))
-
-
-def qkx_search(
-    step: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    w: torch.Tensor,
-    v: torch.Tensor,
-    s: torch.Tensor,
-    numerators: list[float],
-    nmax: int,
-) -> torch.Tensor:
-    """Run the candidate loop with `step` (compiled or not): x, w [33, B], v [3, B], s [6, B]."""
-    # Every call runs in inference mode, and the state it feeds back is an inference tensor
-    # from the first call on (hence the clone), so the compiled graph's guards always hold.
-    with torch.inference_mode():
-        x, w = _padded(x), _padded(w)
-        s = s.clone()
-        nmax_t = torch.tensor(float(nmax), dtype=torch.float32)
-        for c in torch.tensor(numerators, dtype=torch.float32):
-            s = step(x, w, v, c, s, nmax_t)
-    return s.clone()
-
-
-def _padded(t: torch.Tensor) -> torch.Tensor:
-    """t [33, B] in the padded-row layout: t itself, or a copy."""
-    rows, blocks = t.shape
-    if t.dtype == torch.float32 and t.stride() == (blocks + ROW_PAD, 1):
-        return t
-    out = padded_rows(rows, (blocks,))
-    out.copy_(t)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,15 +202,15 @@ def run_in_columns(step: Callable[..., torch.Tensor], inputs: list[torch.Tensor]
 # --------------------------------------------------------------------------------------------
 # The whole candidate loop of make_qkx2/3_quants as one C++ function (`qkx_search_cpp`).
 #
-# `qkx_candidate` is one candidate per call: each of the 21 (Q4_K/Q5_K) or 37 (with an
-# importance matrix) candidates reads the blocks and weights again from memory, and each call
-# costs Python overhead. The function below runs all candidates of 16 blocks while those stay
-# in L1 cache, 16 blocks across the lanes of a GCC vector, so the search is bound by
-# arithmetic instead of memory. It is `qkx_candidate`'s arithmetic, in the same order, built
+# Array code (and a torch.compile kernel of one candidate per call) reads the blocks and
+# weights again from memory for each of the 16 to 37 candidates. The function below runs all
+# candidates of 16 blocks while those stay in L1 cache, 16 blocks across the lanes of a GCC
+# vector, so the search is bound by arithmetic instead of memory. It is the eager loop's
+# arithmetic (`scale_search._qkx_candidates_eager`), in the same order, built
 # by inductor's C++ builder with inductor's flags (IEEE float, -ffp-contract=off: no fused
 # multiply-adds) and cached on disk by torch like the inductor kernels. Comparisons are
 # written so that NaN propagates as in torch.maximum and torch.clamp. It is checked against the eager loop before use, as the
-# inductor kernel is (`scale_search.fused_qkx_search`).
+# other kernels are (`scale_search.fused_qkx_search`).
 # --------------------------------------------------------------------------------------------
 
 QKX_SEARCH_SOURCE = r"""

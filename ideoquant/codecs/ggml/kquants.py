@@ -24,7 +24,6 @@ from .scale_search import (
     exact_div,
     exact_sqrt,
     fp16_round,
-    fused_candidate_step,
     fused_search_available,
     gapped33,
     make_qkx_all,
@@ -259,7 +258,7 @@ class _KQuant(GGMLType):
 
     # Weights per inner chunk and thread (see INNER_CHUNK_WEIGHTS).
     inner_chunk_weights: int = INNER_CHUNK_WEIGHTS
-    # Whether the scale search runs through the compiled kernel of `kquant_fused`.
+    # Whether the scale search is make_qkx (its compiled kernel is built in `prepare`).
     fused_search: bool = False
 
     @classmethod
@@ -300,17 +299,10 @@ class _KQuant(GGMLType):
         threads = max(1, torch.get_num_threads())
         big = col_align()
         step = max(big, cls.inner_chunk_weights * threads // QK_K // big * big)
-        bucket = fused_kernel.bucket_superblocks()
-        fused = cls.fused_search and n >= bucket // 4 and fused_candidate_step(bucket) is not None
-        if fused:
-            step = bucket  # the compiled kernel takes buckets of exactly this size
         for a, b in chunk_ranges(n, step):
             nb = b - a
-            if fused and nb >= bucket // 4:
-                npad = bucket  # a short last chunk is still faster padded through the kernel
-            else:
-                # Pad to whole vector groups of columns so that the sums stay on torch's fast path.
-                npad = round_up(nb, VEC_COLS if nb < big else big)
+            # Pad to whole vector groups of columns so that the sums stay on torch's fast path.
+            npad = round_up(nb, VEC_COLS if nb < big else big)
             x = blocks[a:b]
             qw = None if weights is None else weights(a, b)
             if npad != nb:

@@ -27,10 +27,10 @@ is a scratch slot (see `sum33`); a 34-row buffer adds a leading slot for chained
 thousand weights, so the temporaries stay small; the search loops run over candidate scales
 and over positions in a block, never over blocks.
 
-Speed. The candidate loop of Q4_K/Q5_K (21 to 37 candidates per block) is most of the work;
-on buckets of whole super-blocks it runs through a compiled kernel (`fused_kernel`), which
-is checked against the eager loop here once per process and replaced by it when it is not
-available or not exact. make_qp_quants (and Q3_K's make_q3_quants) run whole through compiled
+Speed. The candidate loop of make_qkx2/3_quants (Q4_K/Q5_K, and Q4_1/Q5_1 with an importance
+matrix; 16 to 37 candidates per block) is most of the work; it runs whole through a compiled
+C++ function (`fused_kernel.qkx_search_cpp`), which is checked against the eager loop here
+once per process and replaced by it when it is not available or not exact. make_qp_quants (and Q3_K's make_q3_quants) run whole through compiled
 kernels too, checked the same way (`checked_kernel`).
 """
 
@@ -263,8 +263,9 @@ def make_qkx(
     X, W: [33, B] gapped position-major blocks and weights; xmin/xmax: [B] block min/max;
     sum_w = sum(w), sum_x = sum(w*x) in ggml's order. Returns the result and a [B] mask of
     blocks whose fast-path arithmetic may differ from ggml (nearest_int out of range, NaN);
-    with exact=True those are computed exactly (slow, for a handful of blocks). `fused`: use
-    the compiled candidate kernel where it applies (True), never (False), or this one.
+    with exact=True those are computed exactly (slow, for a handful of blocks). `fused`: run
+    the candidate loop through the compiled kernel where it is available (True), never
+    (False), or through this function (with `fused_kernel.qkx_search_cpp`'s arguments).
 
     The candidate loop is sequential as in ggml (each candidate's iscale uses the min of the
     best fit so far); it runs vectorized over all blocks, keeping per block the state
@@ -313,15 +314,9 @@ def make_qkx(
 
     rmin32, rdelta32, nmax32 = np.float32(rmin), np.float32(rdelta), np.float32(nmax)
     cs = [float((rmin32 + rdelta32 * np.float32(i)) + nmax32) for i in range(nstep + 1)]
-    step = None
-    if callable(fused):
-        step = fused
-    elif fused and not exact and B == 8 * fused_kernel.bucket_superblocks():
-        step = fused_candidate_step(B // 8)
-    if step is not None:
-        s = fused_kernel.qkx_search(
-            step, X, W, torch.stack((mx, sum_w, sum_x)), torch.cat((state, mn_hi.unsqueeze(0))), cs, nmax
-        )
+    search = fused if callable(fused) else (fused_qkx_search() if fused and not exact else None)
+    if search is not None:
+        s = search(X, W, torch.stack((mx, sum_w, sum_x)), torch.cat((state, mn_hi.unsqueeze(0))), cs, nmax)
         state, mn, mn_hi = s[:5], s[4], s[5]
     else:
         _qkx_candidates_eager(X, W, mx, sum_w, sum_x, cs, state, mn_hi, T, quant, error, exact)
@@ -362,52 +357,49 @@ def _adversarial_blocks(n_blocks: int, seed: int = 0) -> tuple[torch.Tensor, tor
     return x, w
 
 
-def fused_matches_eager(step: Callable[..., torch.Tensor], superblocks: int) -> bool:
-    """Whether the compiled candidate kernel gives the eager search's results, bit for bit.
-
-    The kernel runs on a whole bucket; the eager reference on its first 2048 blocks (blocks are
-    independent, and every kind of test block occurs there), which keeps the check cheap."""
-    x, w = _adversarial_blocks(8 * superblocks)
+def fused_matches_eager(search: Callable[..., torch.Tensor], blocks: int = 4101) -> bool:
+    """Whether a compiled candidate loop (`make_qkx`'s `fused`) gives the eager search's
+    results, bit for bit, on blocks that probe the edges (a count that leaves a partial
+    vector of blocks), for the searches of Q4_K, Q5_K and the importance-matrix path."""
+    x, w = _adversarial_blocks(blocks)
     X = gapped33(x.T.contiguous())
     W = gapped33(w.T.contiguous())
-    head = min(2048, X.shape[1])
-    for nmax, rmin, rdelta, nstep, qkx3 in ((15, -1.0, 0.1, 20, False), (31, -0.9, 0.05, 36, True)):
-        results = []
-        for XX, WW, fused in ((X, W, step), (X[:, :head].contiguous(), W[:, :head].contiguous(), False)):
-            data = ungap33(XX)
-            sum_w, sum_x = sum33(WW.clone()), sum33(WW * XX)
-            args = (XX, WW, data.amin(0), data.amax(0), sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
-            results.append(make_qkx(*args, fused=fused))
-        (got, got_flagged), (want, want_flagged) = results
-        if not torch.equal(got_flagged[:head], want_flagged):
+    data = ungap33(X)
+    sum_w, sum_x = sum33(W.clone()), sum33(W * X)
+    cases = ((15, -1.0, 0.1, 20, False), (31, -0.5, 0.1, 15, False), (15, -0.9, 0.05, 36, True), (31, -0.9, 0.05, 36, True))
+    for nmax, rmin, rdelta, nstep, qkx3 in cases:
+        args = (X, W, data.amin(0), data.amax(0), sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
+        (got, got_flagged), (want, want_flagged) = (make_qkx(*args, fused=f) for f in (search, False))
+        if not torch.equal(got_flagged, want_flagged):
             return False
         ok = ~want_flagged
         for a, b in zip((got.scale, got.the_min, got.l_iscale, got.l_min), (want.scale, want.the_min, want.l_iscale, want.l_min)):
-            if not torch.equal(a[:head][ok].view(torch.int32), b[ok].view(torch.int32)):
+            if not torch.equal(a[ok].view(torch.int32), b[ok].view(torch.int32)):
                 return False
     return True
 
 
 @functools.cache
-def fused_candidate_step(superblocks: int) -> Callable[..., torch.Tensor] | None:
-    """The compiled candidate kernel for buckets of this size once it has matched the eager
-    code here; else None."""
-    step = fused_kernel.compiled_qkx_candidate()
-    if step is None:
+def fused_qkx_search() -> Callable[..., torch.Tensor] | None:
+    """The compiled candidate loop of make_qkx (`fused_kernel.qkx_search_cpp`) once it has
+    matched the eager code here; else None (with a one-line warning)."""
+    kernel = fused_kernel.compiled_qkx_search()
+    if kernel is None:
         return None
+    search = functools.partial(fused_kernel.qkx_search_cpp, kernel)
     try:
-        if fused_matches_eager(step, superblocks):
-            return step
+        if fused_matches_eager(search):
+            return search
         reason = "its results differ from the eager code on this machine"
-    except Exception as exc:  # noqa: BLE001 - compile errors surface on the first call
+    except Exception as exc:  # noqa: BLE001 - a broken build surfaces on the first call
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     fused_kernel.log.warning("fused K-quant kernel not used (%s); using the eager encoder", reason)
     return None
 
 
 def fused_search_available() -> bool:
-    """Whether Q4_K/Q5_K run their scale search through the compiled kernel here (compiles it)."""
-    return fused_candidate_step(fused_kernel.bucket_superblocks()) is not None
+    """Whether make_qkx runs its candidate loop through the compiled kernel here (builds it)."""
+    return fused_qkx_search() is not None
 
 
 def _qkx_candidates_eager(X, W, mx, sum_w, sum_x, cs, state, mn_hi, T, quant, error, exact) -> None:
