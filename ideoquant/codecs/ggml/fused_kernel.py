@@ -3,7 +3,9 @@
 * `qkx_search_cpp`: the whole candidate loop of ggml's make_qkx2_quants / make_qkx3_quants
   (Q4_K, Q5_K; Q4_1 and Q5_1 with an importance matrix), one C++ function built with
   inductor's C++ builder (see below);
-* `qp_quants`, `q3_quants`: make_qp_quants and make_q3_quants whole, through torch.compile.
+* `qp_search_cpp`: make_qp_quants whole (the scales of Q4_K/Q5_K and Q2_K with an
+  importance matrix), in the same C++ source;
+* `q3_quants`: make_q3_quants whole (Q3_K without one), through torch.compile.
 
 Exactness. Each kernel is float32 arithmetic in ggml's order: products and sums are spelled
 out one position after the other, never as reductions, and the C++ is built with IEEE
@@ -45,10 +47,10 @@ def padded_rows(rows: int, inner: tuple[int, ...]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Whole-search kernels on short blocks: make_qp_quants (the 6-bit scales of Q4_K/Q5_K and the
-# 4-bit scales of Q2_K with an importance matrix) and make_q3_quants (Q3_K without one). The
+# Whole-search kernel on short blocks through torch.compile: make_q3_quants (Q3_K without an
+# importance matrix; make_qp_quants is in the C++ source below and follows the same rules). The
 # block's elements are rows, blocks are columns; every sum and every refinement step is spelled
-# out in ggml's order, and ggml's `nearest_int` is its own bit trick, so the kernels are exact
+# out in ggml's order, and ggml's `nearest_int` is its own bit trick, so the kernel is exact
 # for every float32 input. A block's coordinate refinement stops after a pass that changes
 # nothing; running all five passes is the same, as such a pass leaves the state as it was.
 # --------------------------------------------------------------------------------------------
@@ -62,66 +64,6 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
     """ggml's nearest_int (the 12582912 bit trick) for any float32 v: int32."""
     bits = (v + _MAGIC).view(torch.int32)
     return (bits & 0x007FFFFF) - 0x00400000
-
-
-def qp_quants(x: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """make_qp_quants for every column of x, w [n, C]: float32 [1 + n, C] = scale, then L.
-
-    k [12]: nmax, 1, eps, then the 8 candidate numerators 0.1f*is + nmax (is = -4..4, is != 0),
-    then 0.0, all float32 (tensors, so that no division becomes a multiplication)."""
-    n = x.shape[0]
-    nmax, one, eps, zero = k[0], k[1], k[2], k[11]
-    nmax_i = nmax.to(torch.int32)
-    mx = torch.zeros_like(x[0])
-    for i in range(n):
-        mx = torch.maximum(mx, x[i])
-    is_zero = mx < eps
-    mx = torch.where(is_zero, one, mx)
-
-    def mse_of(scale, levels):
-        err = None
-        for i in range(n):
-            diff = x[i] - scale * levels[i]
-            e = w[i] * diff * diff
-            err = e + 0.0 if err is None else err + e
-        return err
-
-    iscale = nmax / mx
-    first = [(nearest_int(iscale * x[i]) & 0xFF).to(torch.float32) for i in range(n)]
-    best = mse_of(one / iscale, first)
-    for j in range(8):
-        iscale_is = k[3 + j] / mx
-        lv = [torch.minimum(nearest_int(iscale_is * x[i]), nmax_i).to(torch.float32) for i in range(n)]
-        mse = mse_of(one / iscale_is, lv)
-        better = mse < best
-        best = torch.where(better, mse, best)
-        iscale = torch.where(better, iscale_is, iscale)
-    wx = [w[i] * x[i] for i in range(n)]
-    stored, sumlx, suml2 = [], None, None
-    for i in range(n):
-        li = torch.minimum(nearest_int(iscale * x[i]), nmax_i)
-        lf = li.to(torch.float32)
-        stored.append((li & 0xFF).to(torch.float32))
-        a, b = wx[i] * lf, w[i] * lf * lf
-        sumlx = a + 0.0 if sumlx is None else sumlx + a
-        suml2 = b + 0.0 if suml2 is None else suml2 + b
-    for _ in range(5):
-        for i in range(n):
-            li = stored[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - w[i] * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new_i = torch.minimum(nearest_int(x[i] * sl2 / slx), nmax_i)
-            new = new_i.to(torch.float32)
-            ok = ok & (new != li)
-            slx = slx + wx[i] * new
-            sl2 = sl2 + w[i] * new * new
-            ok = ok & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            stored[i] = torch.where(ok, (new_i & 0xFF).to(torch.float32), li)
-            sumlx = torch.where(ok, slx, sumlx)
-            suml2 = torch.where(ok, sl2, suml2)
-    scale = torch.where((suml2 > 0) & ~is_zero, sumlx / suml2, zero)
-    return torch.stack([scale] + [torch.where(is_zero, zero, s) for s in stored])
 
 
 def q3_quants(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -213,7 +155,7 @@ def run_in_columns(step: Callable[..., torch.Tensor], inputs: list[torch.Tensor]
 # other kernels are (`scale_search.fused_qkx_search`).
 # --------------------------------------------------------------------------------------------
 
-QKX_SEARCH_SOURCE = r"""
+SEARCH_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
@@ -301,13 +243,97 @@ extern "C" void qkx_search(const float* x, int64_t ldx, const float* w, int64_t 
         qkx_group(x, ldx, w, ldw, v, B, s, b0, n, cs, ncand, nmax);
     }
 }
+/* ggml's nearest_int: the 1.5*2^23 bit trick, for every float. */
+static inline vi nearest_int(vf v) {
+    const vi bits = (vi)(v + 12582912.0f);
+    return (bits & 0x007FFFFF) - 0x00400000;
+}
+
+static inline vf to_float(vi v) { return __builtin_convertvector(v, vf); }
+
+/* make_qp_quants on the 16 columns b0.. of x, w [n, C] (n <= 16): out [1 + n, C] = scale,
+   then the levels as ggml stores them (uint8). k: nmax, 1, eps, 8 numerators, 0. */
+static void qp_group(const float* x, const float* w, int64_t n, int64_t C, const float* k,
+                     float* out, int64_t b0, int m) {
+    vf xs[16], ws[16], wx[16], st[16];
+    const vf zero = {0}, one = zero + 1.0f, nmax = zero + k[0];
+    const vi nmax_i = (vi){0} + (int32_t)k[0];
+    vf mx = zero;
+    for (int64_t i = 0; i < n; ++i) {
+        xs[i] = load_n(x + i * C, b0, m);
+        ws[i] = load_n(w + i * C, b0, m);
+        const vf hi = mx > xs[i] ? mx : xs[i];
+        mx = mx != mx ? mx : hi; /* torch.maximum propagates NaN */
+    }
+    const vi is_zero = mx < k[2];
+    mx = is_zero ? one : mx;
+    vf iscale = nmax / mx, best = zero;
+    {
+        const vf sc = one / iscale;
+        for (int64_t i = 0; i < n; ++i) {
+            const vf diff = xs[i] - sc * to_float(nearest_int(iscale * xs[i]) & 0xFF);
+            best = best + ws[i] * diff * diff;
+        }
+    }
+    for (int j = 0; j < 8; ++j) {
+        const vf isc = (zero + k[3 + j]) / mx, sc = one / isc;
+        vf mse = zero;
+        for (int64_t i = 0; i < n; ++i) {
+            const vi l = nearest_int(isc * xs[i]);
+            const vf diff = xs[i] - sc * to_float(l < nmax_i ? l : nmax_i);
+            mse = mse + ws[i] * diff * diff;
+        }
+        const vi better = mse < best;
+        best = better ? mse : best;
+        iscale = better ? isc : iscale;
+    }
+    vf sumlx = zero, suml2 = zero;
+    for (int64_t i = 0; i < n; ++i) {
+        wx[i] = ws[i] * xs[i];
+        vi l = nearest_int(iscale * xs[i]);
+        l = l < nmax_i ? l : nmax_i;
+        const vf lf = to_float(l);
+        st[i] = to_float(l & 0xFF);
+        sumlx = sumlx + wx[i] * lf;
+        suml2 = suml2 + ws[i] * lf * lf;
+    }
+    for (int pass = 0; pass < 5; ++pass) {
+        for (int64_t i = 0; i < n; ++i) {
+            const vf li = st[i];
+            vf slx = sumlx - wx[i] * li, sl2 = suml2 - ws[i] * li * li;
+            vi ok = (slx > zero) & (sl2 > zero);
+            vi l = nearest_int(xs[i] * sl2 / slx);
+            l = l < nmax_i ? l : nmax_i;
+            const vf nf = to_float(l);
+            ok = ok & (nf != li);
+            slx = slx + wx[i] * nf;
+            sl2 = sl2 + ws[i] * nf * nf;
+            ok = ok & (slx * slx * suml2 > sumlx * sumlx * sl2);
+            st[i] = ok ? to_float(l & 0xFF) : li;
+            sumlx = ok ? slx : sumlx;
+            suml2 = ok ? sl2 : suml2;
+        }
+    }
+    store_n(out, b0, m, ((suml2 > zero) & ~is_zero) ? sumlx / suml2 : zero);
+    for (int64_t i = 0; i < n; ++i) store_n(out + (1 + i) * C, b0, m, is_zero ? zero : st[i]);
+}
+
+extern "C" void qp_search(const float* x, const float* w, int64_t n, int64_t C, const float* k,
+                          float* out, int64_t threads) {
+    const int64_t groups = (C + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * LANES;
+        qp_group(x, w, n, C, k, out, b0, (int)(C - b0 < LANES ? C - b0 : LANES));
+    }
+}
 """
 
 
 @functools.cache
-def compiled_qkx_search() -> Callable[..., torch.Tensor] | None:
-    """`QKX_SEARCH_SOURCE` built and loaded as `qkx_search_cpp`'s kernel, or None where it
-    cannot be built (no C++ compiler) or the fused kernels are turned off."""
+def search_library():
+    """`SEARCH_SOURCE` built and loaded (a ctypes library), or None where it cannot be built
+    (no C++ compiler) or the compiled kernels are turned off."""
     if not fused_requested():
         return None
     try:
@@ -315,14 +341,41 @@ def compiled_qkx_search() -> Callable[..., torch.Tensor] | None:
 
         from torch._inductor.codecache import CppCodeCache
 
-        fn = CppCodeCache.load(QKX_SEARCH_SOURCE, needs_vec_isa=True).qkx_search
+        lib = CppCodeCache.load(SEARCH_SOURCE, needs_vec_isa=True)
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_float, i64]
-        fn.restype = None
-        return fn
+        lib.qkx_search.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_float, i64]
+        lib.qkx_search.restype = None
+        lib.qp_search.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64]
+        lib.qp_search.restype = None
+        return lib
     except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
-        log.warning("compiled K-quant search unavailable (%s); using the eager encoder", exc)
+        log.warning("compiled scale searches unavailable (%s); using the eager encoder", exc)
         return None
+
+
+def compiled_qkx_search() -> Callable[..., None] | None:
+    """The C++ candidate loop of make_qkx2/3_quants (`qkx_search_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.qkx_search
+
+
+def compiled_qp_search() -> Callable[..., None] | None:
+    """The C++ make_qp_quants (`qp_search_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.qp_search
+
+
+def qp_search_cpp(kernel: Callable[..., None], x: torch.Tensor, w: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
+    """make_qp_quants for every column of x, w [n, C] (n <= 16) through the C++ kernel:
+    float32 [1 + n, C] = scale, then L; consts as `scale_search._qp_consts` makes them."""
+    x, w = x.to(torch.float32).contiguous(), w.to(torch.float32).contiguous()
+    consts = consts.to(torch.float32).contiguous()
+    n, cols = x.shape
+    if n > 16:
+        raise ValueError(f"make_qp_quants kernel: blocks of {n} > 16 elements")
+    out = torch.empty((n + 1, cols), dtype=torch.float32)
+    kernel(x.data_ptr(), w.data_ptr(), n, cols, consts.data_ptr(), out.data_ptr(), max(1, torch.get_num_threads()))
+    return out
 
 
 def qkx_search_cpp(

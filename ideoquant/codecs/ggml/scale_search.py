@@ -598,7 +598,8 @@ def make_qx(X: torch.Tensor, W: torch.Tensor, nmax: int, gapped: bool) -> tuple[
 
 
 def _qp_consts(nmax: int) -> torch.Tensor:
-    """The constants of `fused_kernel.qp_quants` for this nmax."""
+    """The constants of `fused_kernel.qp_search_cpp` for this nmax: nmax, 1, eps, the 8
+    candidate numerators 0.1f*is + nmax (is = -4..4, is != 0), 0, all float32."""
     nmax32 = np.float32(nmax)
     cands = [np.float32(0.1) * np.float32(s) + nmax32 for s in range(-4, 5) if s != 0]
     return torch.tensor([nmax, 1.0, GROUP_MAX_EPS, *cands, 0.0], dtype=_F32)
@@ -619,40 +620,49 @@ def checked_kernel(fn: Callable[..., torch.Tensor], eager: Callable[..., torch.T
     step = fused_kernel.compiled(fn)
     if step is None:
         return None
+    return matching_kernel(fn.__name__, lambda *p: fused_kernel.run_in_columns(step, list(p[:-1]), p[-1]), step, eager, probes)
+
+
+def matching_kernel(name: str, run: Callable[..., torch.Tensor], kernel, eager: Callable[..., torch.Tensor], probes: list):
+    """kernel, once run(*probe) has matched eager(*probe) bit for bit on every probe; else
+    None (with a one-line warning naming it)."""
     try:
-        if all(
-            torch.equal(fused_kernel.run_in_columns(step, p[:-1], p[-1]).view(torch.int32), eager(*p).view(torch.int32))
-            for p in probes
-        ):
-            return step
+        if all(torch.equal(run(*p).view(torch.int32), eager(*p).view(torch.int32)) for p in probes):
+            return kernel
         reason = "its results differ from the eager code on this machine"
     except Exception as exc:  # noqa: BLE001 - compile errors surface on the first call
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    fused_kernel.log.warning("compiled %s not used (%s); using the eager encoder", fn.__name__, reason)
+    fused_kernel.log.warning("compiled %s not used (%s); using the eager encoder", name, reason)
     return None
 
 
 @functools.cache
 def fused_qp_step(rows: int) -> Callable[..., torch.Tensor] | None:
-    """The compiled make_qp_quants for blocks of `rows` elements, checked here; else None."""
+    """The compiled make_qp_quants (`fused_kernel.qp_search_cpp`) for blocks of `rows`
+    elements, checked here; else None."""
+    kernel = fused_kernel.compiled_qp_search()
+    if kernel is None:
+        return None
+    step = functools.partial(fused_kernel.qp_search_cpp, kernel)
 
     def eager(x, w, consts):
         scale, L = make_qp(x, w, int(consts[0]), fused=False)
         return torch.cat([scale.unsqueeze(0), L.to(_F32)])
 
-    x, w = short_block_probe(rows, fused_kernel.SHORT_BLOCK_COLS + 1000, seed=7)
-    return checked_kernel(fused_kernel.qp_quants, eager, [[x, w, _qp_consts(15)], [x, w, _qp_consts(63)]])
+    # A column count that leaves a partial vector of blocks.
+    x, w = short_block_probe(rows, 4101, seed=7)
+    return matching_kernel("qp_quants", step, step, eager, [[x, w, _qp_consts(15)], [x, w, _qp_consts(63)]])
 
 
 def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's make_qp_quants(n, nmax, x, L, quant_weights=w) for x, w: [n, cols], n <= 16.
 
     Returns (scale [cols], L int32 [n, cols] as stored in ggml's uint8_t L[]). Runs through
-    the compiled kernel (`fused_kernel.qp_quants`) where it is available and exact here."""
+    the compiled kernel (`fused_kernel.qp_search_cpp`) where it is available and exact here."""
     step = fused_qp_step(x.shape[0]) if fused else None
     if step is not None:
-        out = fused_kernel.run_in_columns(step, [cpu32(x), cpu32(w)], _qp_consts(nmax))
-        return out[0].clone(), out[1:].to(torch.int32)
+        out = step(cpu32(x), cpu32(w), _qp_consts(nmax))
+        return out[0], out[1:].to(torch.int32)
     n, cols = x.shape
     fnmax = float(nmax)
     exact_loop = False  # sum_rows falls back to the loop for unsuitable shapes
