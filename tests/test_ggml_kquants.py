@@ -3,6 +3,7 @@ decoders exact against gguf-py."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -265,26 +266,30 @@ def test_decoder_is_device_generic(qtype):
     assert y.device.type == "meta" and y.shape == (3, 2 * cls.block_size) and y.dtype == torch.float32
 
 
-# --- the compiled scale-search kernel (kquant_fused) ------------------------------------------
+# --- the compiled scale-search kernels (fused_kernel.qkx_search_cpp, qp_search_cpp) ----------
 
 needs_compiler = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler"
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="the compiled kernels need a C++ compiler"
 )
 
 
 @pytest.fixture
 def fresh_fused_caches():
-    """Forget which kernels were compiled and checked, before and after the test."""
-    ss.fused_candidate_step.cache_clear()
-    kquant_fused.compiled_qkx_candidate.cache_clear()
+    """Forget which kernels were built and checked, before and after the test."""
+
+    def clear():
+        ss.fused_qkx_search.cache_clear()
+        ss.fused_qp_step.cache_clear()
+        kquant_fused.search_library.cache_clear()
+
+    clear()
     yield
-    ss.fused_candidate_step.cache_clear()
-    kquant_fused.compiled_qkx_candidate.cache_clear()
+    clear()
 
 
 FUSED_CASES = [(n, t, p, 1) for n in (256, 512) for t in ("Q4_K", "Q5_K") for p in ("", "+imatrix_ones", "+imatrix_random")]
-# Two threads compile the parallel variant of the kernel, the one conversions use on most machines.
-FUSED_CASES += [(512, "Q4_K", "", 2), (512, "Q4_K", "+imatrix_random", 2)]
+# Two threads split the blocks between OpenMP threads, as conversions do on most machines.
+FUSED_CASES += [(512, "Q4_K", "", 2), (512, "Q4_K", "+imatrix_random", 2), (512, "Q5_K", "+imatrix_random", 2)]
 # Q4_1 and Q5_1 search with make_qkx3_quants too, through the same kernel.
 FUSED_CASES += [(512, t, p, 1) for t in ("Q4_1", "Q5_1") for p in ("+imatrix_ones", "+imatrix_random")]
 
@@ -292,8 +297,8 @@ FUSED_CASES += [(512, t, p, 1) for t in ("Q4_1", "Q5_1") for p in ("+imatrix_one
 @needs_compiler
 @pytest.mark.parametrize("n,qtype,path,threads", FUSED_CASES, ids=[f"n{n}-{t}{p}-{th}thr" for n, t, p, th in FUSED_CASES])
 def test_fused_kernel_matches_ggml(ref, n, qtype, path, threads, monkeypatch):
-    """Every ggml reference row, tiled to fill whole buckets, encoded through the compiled kernel."""
-    torch.set_num_threads(threads)  # the bucket size, and the kernel compiled for it, follow it
+    """Every ggml reference row, tiled past several inner chunks, encoded through the kernels."""
+    torch.set_num_threads(threads)
     try:
         _encode_tiled_through_kernel(ref, n, qtype, path, monkeypatch)
     finally:
@@ -304,53 +309,117 @@ def _encode_tiled_through_kernel(ref, n, qtype, path, monkeypatch):
     cases = sorted({k.split("/")[1] for k in ref if k.startswith(f"n{n}/") and k.endswith(f"/{qtype}{path}")})
     rows = np.concatenate([ref[f"n{n}/{c}/input"] for c in cases])
     want = np.concatenate([ref[f"n{n}/{c}/{qtype}{path}"] for c in cases])
-    bucket = kquant_fused.bucket_superblocks()
-    reps = -(-bucket * kq.QK_K // rows.size)  # at least one full bucket
+    reps = -(-3 * ss.INNER_CHUNK_WEIGHTS * torch.get_num_threads() // rows.size)  # three inner chunks at least
     calls = []
-    real = kquant_fused.qkx_search
-    monkeypatch.setattr(kquant_fused, "qkx_search", lambda *a: calls.append(1) or real(*a))
-    got = ggml_type(qtype).quantize_rows(torch.from_numpy(np.tile(rows, (reps, 1))), _imatrix(ref, n, path)).numpy()
+    real = kquant_fused.qkx_search_cpp
+    monkeypatch.setattr(kquant_fused, "qkx_search_cpp", lambda *a: calls.append(1) or real(*a))
+    ss.fused_qkx_search.cache_clear()  # rebuild the partial around the counting wrapper
+    try:
+        got = ggml_type(qtype).quantize_rows(torch.from_numpy(np.tile(rows, (reps, 1))), _imatrix(ref, n, path)).numpy()
+    finally:
+        ss.fused_qkx_search.cache_clear()
     assert calls, "the compiled kernel was not used"
     want = np.tile(want, (reps, 1))
     if not np.array_equal(got, want):
         pytest.fail(f"n{n} {qtype}{path} (tiled): " + _first_difference(got, want, ggml_type(qtype).type_size))
 
 
+def _probe_blocks_with_extremes(blocks: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's own probe blocks plus others it does not contain: values near float32's
+    largest, denormals, mixed signs of zero, negative weights, a NaN or an infinity."""
+    x, w = ss._adversarial_blocks(blocks, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kind = torch.arange(blocks) % 9
+    x[kind == 1] = torch.randn(int((kind == 1).sum()), 32, generator=gen) * 1e37
+    x[kind == 2] = torch.randn(int((kind == 2).sum()), 32, generator=gen) * 1e-42  # denormals
+    x[kind == 3, ::2] = -0.0
+    x[kind == 4, ::3] = 0.0
+    w[kind == 5] = -w[kind == 5]
+    x[kind == 6, 5] = 3e38
+    x[kind == 7, 9] = float("nan")
+    x[kind == 8, 30] = float("inf")
+    return x, w
+
+
+@needs_compiler
+@pytest.mark.parametrize("seed", [3, 11])
+def test_compiled_candidate_loop_matches_the_array_code_bit_for_bit(seed):
+    """The C++ candidate loop against the array loop, on blocks the self-check does not see
+    (huge, denormal, signed zeros, negative weights, NaN, inf) and a count that ends in a
+    partial vector."""
+    search = ss.fused_qkx_search()
+    assert search is not None
+    x, w = _probe_blocks_with_extremes(16 * 97 + 9, seed)
+    X, W = ss.gapped33(x.T.contiguous()), ss.gapped33(w.T.contiguous())
+    data = ss.ungap33(X)
+    sum_w, sum_x = ss.sum33(W.clone()), ss.sum33(W * X)
+    for nmax, rmin, rdelta, nstep, qkx3 in ((15, -1.0, 0.1, 20, False), (31, -0.9, 0.05, 36, True)):
+        args = (X, W, data.amin(0), data.amax(0), sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
+        (got, got_flagged), (want, want_flagged) = (ss.make_qkx(*args, fused=f) for f in (search, False))
+        assert torch.equal(got_flagged, want_flagged)
+        ok = ~want_flagged
+        assert int(ok.sum()) > x.shape[0] // 2
+        for a, b in zip((got.scale, got.the_min, got.l_iscale, got.l_min), (want.scale, want.the_min, want.l_iscale, want.l_min)):
+            assert torch.equal(a[ok].view(torch.int32), b[ok].view(torch.int32))
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows,nmax", [(8, 63), (16, 15), (5, 7)])
+def test_compiled_make_qp_matches_the_array_code_bit_for_bit(rows, nmax):
+    """make_qp_quants through the C++ kernel and through the array code, on every kind of probe
+    block, including the extremes above (scales and mins are non-negative in the encoders, but
+    the kernel must not depend on it), NaN aside."""
+    assert ss.fused_qp_step(rows) is not None
+    x, w = _probe_blocks_with_extremes(16 * 61 + 3, 5)
+    x, w = x[:, :rows].T.contiguous(), w[:, :rows].T.contiguous()
+    x[:, ::2] = x[:, ::2].abs()
+    # No NaN: the scales of a block with a NaN are NaN, and the array code's own max of them
+    # depends on the column count (torch's vectorized amax), so there is no one answer.
+    x = torch.nan_to_num(x, nan=1.0, posinf=float("inf"), neginf=float("-inf"))
+    (s1, l1), (s2, l2) = (ss.make_qp(x, w, nmax, fused=f) for f in (True, False))
+    assert torch.equal(s1.view(torch.int32), s2.view(torch.int32)) and torch.equal(l1, l2)
+
+
 @needs_compiler
 def test_fused_kernel_matches_eager_search_bit_for_bit():
     """The self-check the encoder runs before trusting the kernel, on blocks that probe the edges."""
-    step = kquant_fused.compiled_qkx_candidate()
-    assert step is not None
-    assert ss.fused_matches_eager(step, kquant_fused.bucket_superblocks())
+    kernel = kquant_fused.compiled_qkx_search()
+    assert kernel is not None
+    assert ss.fused_matches_eager(functools.partial(kquant_fused.qkx_search_cpp, kernel))
 
 
 def test_a_kernel_that_disagrees_is_not_used(ref, fresh_fused_caches, monkeypatch, caplog):
-    real = kquant_fused.qkx_candidate
+    real = kquant_fused.qkx_search_cpp
 
-    def off_by_one_ulp(x, w, v, c, s, nmax):
-        out = real(x, w, v, c, s, nmax)
+    def off_by_one_ulp(*args):
+        out = real(*args)
         out[1] = torch.nextafter(out[1], torch.full_like(out[1], float("inf")))
         return out
 
-    monkeypatch.setattr(kquant_fused, "compiled_qkx_candidate", lambda: off_by_one_ulp)
-    assert ss.fused_candidate_step(kquant_fused.bucket_superblocks()) is None
+    monkeypatch.setattr(kquant_fused, "qkx_search_cpp", off_by_one_ulp)
+    assert ss.fused_qkx_search() is None
     assert "fused K-quant kernel not used" in caplog.text
-    # more than a bucket: the kernel would have run here; the eager search gives ggml's bytes
-    reps = -(-kquant_fused.bucket_superblocks() // 48) + 1  # 24 rows of 2 super-blocks each
+    # the eager search gives ggml's bytes
+    reps = 2 * ss.INNER_CHUNK_WEIGHTS // (24 * 512) + 1  # 24 rows of 2 super-blocks each
     rows = torch.from_numpy(np.tile(ref["n512/gaussian/input"], (reps, 1)))
     assert np.array_equal(kq.Q4_K.quantize_rows(rows).numpy(), np.tile(ref["n512/gaussian/Q4_K"], (reps, 1)))
 
 
 def test_fused_kernel_can_be_switched_off(fresh_fused_caches, monkeypatch):
     monkeypatch.setenv("IDEOQUANT_FUSED", "0")
-    assert kquant_fused.compiled_qkx_candidate() is None
-    assert ss.fused_candidate_step(kquant_fused.bucket_superblocks()) is None
+    assert kquant_fused.search_library() is None
+    assert ss.fused_qkx_search() is None and ss.fused_qp_step(8) is None
 
 
-def test_compile_failure_falls_back_to_eager(fresh_fused_caches, monkeypatch, caplog):
+def test_build_failure_falls_back_to_eager(ref, fresh_fused_caches, monkeypatch, caplog):
+    from torch._inductor import codecache
+
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    assert kquant_fused.compiled_qkx_candidate() is None
+    monkeypatch.setattr(codecache.CppCodeCache, "load", no_compiler)
+    assert kquant_fused.search_library() is None
     assert "no C++ compiler" in caplog.text
+    assert ss.fused_qkx_search() is None and ss.fused_qp_step(8) is None
+    rows = torch.from_numpy(ref["n512/gaussian/input"])
+    assert np.array_equal(kq.Q4_K.quantize_rows(rows, _imatrix(ref, 512, "+imatrix_random")).numpy(), ref["n512/gaussian/Q4_K+imatrix_random"])

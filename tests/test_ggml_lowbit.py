@@ -170,7 +170,7 @@ def test_compiled_iq4_xs_search_matches_ggml(ref, path, monkeypatch):
 # --- the compiled short-block kernels (make_q3_quants, make_qp_quants) -----------------------
 
 needs_compiler = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler"
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="the compiled kernels need a C++ compiler"
 )
 
 
@@ -182,6 +182,7 @@ def fresh_short_kernels():
         kquants23.fused_q3_step.cache_clear()
         scale_search.fused_qp_step.cache_clear()
         fused_kernel.compiled.cache_clear()
+        fused_kernel.search_library.cache_clear()
 
     clear()
     yield
@@ -225,6 +226,7 @@ def test_a_short_block_kernel_that_disagrees_is_not_used(ref, fresh_short_kernel
         return step
 
     monkeypatch.setattr(fused_kernel, "compiled", one_ulp_off)
+    monkeypatch.setattr(fused_kernel, "qp_search_cpp", one_ulp_off(fused_kernel.qp_search_cpp))
     assert kquants23.fused_q3_step() is None
     assert scale_search.fused_qp_step(16) is None
     assert "compiled q3_quants not used" in caplog.text and "compiled qp_quants not used" in caplog.text
