@@ -4,7 +4,8 @@
   (Q4_K, Q5_K; Q4_1 and Q5_1 with an importance matrix), one C++ function built with
   inductor's C++ builder (see below);
 * `qp_search_cpp`: make_qp_quants whole (the scales of Q4_K/Q5_K and Q2_K with an
-  importance matrix), in the same C++ source;
+  importance matrix), and `imatrix_weights_cpp`, the importance weights of Q4_K/Q5_K, in
+  the same C++ source;
 * `q3_quants`: make_q3_quants whole (Q3_K without one), through torch.compile.
 
 Exactness. Each kernel is float32 arithmetic in ggml's order: products and sums are spelled
@@ -359,6 +360,54 @@ extern "C" void qp_search(const float* x, const float* w, int64_t n, int64_t C, 
         qp_group(x, w, n, C, k, out, b0, (int)(C - b0 < LANES ? C - b0 : LANES));
     }
 }
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vf vsqrt(vf a) { return (vf)_mm512_sqrt_ps((__m512)a); }
+#else
+static inline vf vsqrt(vf a) {
+    float t[LANES];
+    store(t, a);
+    for (int l = 0; l < LANES; ++l) t[l] = __builtin_sqrtf(t[l]);
+    return load(t);
+}
+#endif
+
+/* The importance weights of Q4_K/Q5_K's _impl encoders for every sub-block: with sigma2 =
+   2*sum(x^2)/256 over the super-block (one sum, in order), w = qw*sqrtf(sigma2 + x*x), and
+   sum(w), sum(w*x) per sub-block, in order. x, qw: [33, 8, nsb] gapped rows ldx, ldq apart
+   (column j*nsb + sb); W: [33, 8*nsb] rows ldw apart (scratch row 16 set to 0); sw, sx [8*nsb]. */
+extern "C" void k_imatrix_weights(const float* x, int64_t ldx, const float* qw, int64_t ldq,
+                                  int64_t nsb, float* W, int64_t ldw, float* sw, float* sx,
+                                  int64_t threads) {
+    const int64_t groups = (nsb + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * LANES;
+        const int m = (int)(nsb - b0 < LANES ? nsb - b0 : LANES);
+        const vf zero = {0};
+        vf s = zero;
+        for (int j = 0; j < 8; ++j)
+            for (int r = 0; r < 32; ++r) {
+                const vf xv = load_n(x + (r < 16 ? r : r + 1) * ldx + j * nsb, b0, m);
+                s = s + xv * xv;
+            }
+        const vf sigma2 = (s * 2.0f) / 256.0f;
+        for (int j = 0; j < 8; ++j) {
+            vf a = zero, b = zero;
+            for (int r = 0; r < 32; ++r) {
+                const int64_t row = r < 16 ? r : r + 1;
+                const vf xv = load_n(x + row * ldx + j * nsb, b0, m);
+                const vf wv = load_n(qw + row * ldq + j * nsb, b0, m) * vsqrt(xv * xv + sigma2);
+                store_n(W + row * ldw + j * nsb, b0, m, wv);
+                a = a + wv;
+                b = b + wv * xv;
+            }
+            store_n(W + 16 * ldw + j * nsb, b0, m, zero);
+            store_n(sw + j * nsb, b0, m, a);
+            store_n(sx + j * nsb, b0, m, b);
+        }
+    }
+}
 """
 
 
@@ -379,6 +428,8 @@ def search_library():
         lib.qkx_search.restype = None
         lib.qp_search.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64]
         lib.qp_search.restype = None
+        lib.k_imatrix_weights.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64]
+        lib.k_imatrix_weights.restype = None
         return lib
     except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
         log.warning("compiled scale searches unavailable (%s); using the eager encoder", exc)
@@ -395,6 +446,27 @@ def compiled_qp_search() -> Callable[..., None] | None:
     """The C++ make_qp_quants (`qp_search_cpp`'s kernel), or None."""
     lib = search_library()
     return None if lib is None else lib.qp_search
+
+
+def compiled_imatrix_weights() -> Callable[..., None] | None:
+    """The C++ importance weights of Q4_K/Q5_K (`imatrix_weights_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.k_imatrix_weights
+
+
+def imatrix_weights_cpp(kernel: Callable[..., None], X: torch.Tensor, qw: torch.Tensor):
+    """Q4_K/Q5_K's importance weights through the C++ kernel: X, qw [33, 8, nsb] gapped
+    position-major super-blocks (unit stride within a row). Returns (W [33, 8*nsb] in
+    `padded_rows`, sum(W) [8*nsb], sum(W*X) [8*nsb]), as `kquants._imatrix_weights` computes them."""
+    rows, sub, nsb = X.shape
+    if X.stride()[1:] != (nsb, 1) or qw.stride()[1:] != (nsb, 1):
+        X, qw = X.contiguous(), qw.contiguous()
+    W = padded_rows(33, (sub * nsb,))
+    sw = torch.empty(sub * nsb, dtype=torch.float32)
+    sx = torch.empty(sub * nsb, dtype=torch.float32)
+    kernel(X.data_ptr(), X.stride(0), qw.data_ptr(), qw.stride(0), nsb, W.data_ptr(), W.stride(0),
+           sw.data_ptr(), sx.data_ptr(), max(1, torch.get_num_threads()))
+    return W, sw, sx
 
 
 def qp_search_cpp(kernel: Callable[..., None], x: torch.Tensor, w: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ and the position-major layout they work in are described in `scale_search`.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -27,6 +30,8 @@ from .scale_search import (
     fused_search_available,
     gapped33,
     make_qkx_all,
+    matching_kernel,
+    short_block_probe,
     make_qp,
     make_qx,
     nearest_int_bits,
@@ -74,6 +79,59 @@ def _superblocks_pos_major(x: torch.Tensor, sub: int, rows: int) -> torch.Tensor
     return gapped33(t, rows)
 
 
+def _imatrix_weights(X34: torch.Tensor, qw34: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights of quantize_row_q4_K/q5_K_impl in array code: X34, qw34 [34, 8, nsb] gapped
+    with a leading slot row -> (W [33, 8*nsb] = qw*sqrt(sigma2 + x^2), sum(W), sum(W*x)), with
+    sigma2 = 2*sum_x2/QK_K over the whole super-block, all sums sequential."""
+    nsb = X34.shape[2]
+    B = 8 * nsb
+    X = X34[1:].view(33, B)
+    sq = X34 * X34  # [34, 8, nsb]
+    s = torch.zeros(nsb, dtype=_F32)
+    for j in range(8):
+        sq[0, j] = s
+        sum_rows(sq[0:17, j], sq[17, j])
+        s = sum_rows(sq[17:34, j])
+    sigma2 = (2 * s) / QK_K
+    Xs = X * X
+    Xs.add_(sigma2.repeat(8))
+    W = torch.mul(qw34[1:].view(33, B), exact_sqrt(Xs), out=fused_kernel.padded_rows(33, (B,)))
+    W[16] = 0.0
+    return W, sum33(W.clone()), sum33(W * X)
+
+
+@functools.cache
+def fused_imatrix_weights() -> Callable | None:
+    """`_imatrix_weights` through the C++ kernel (`fused_kernel.imatrix_weights_cpp`) once it
+    has matched the array code bit for bit on probe super-blocks here; else None."""
+    kernel = fused_kernel.compiled_imatrix_weights()
+    if kernel is None:
+        return None
+
+    def run(X34, qw34):
+        return fused_kernel.imatrix_weights_cpp(kernel, X34[1:], qw34[1:])
+
+    def both(X34, qw34):
+        return torch.cat([t.reshape(-1) for t in run(X34, qw34)])
+
+    def eager(X34, qw34):
+        return torch.cat([t.reshape(-1) for t in _imatrix_weights(X34, qw34)])
+
+    probes = []
+    for nsb in (37, 64):  # a partial vector of super-blocks, and whole ones
+        x, w = short_block_probe(32, 8 * nsb, seed=nsb)
+        x = x.T.reshape(nsb, QK_K)
+        w = w.T.reshape(nsb, QK_K)
+        probes.append([_superblocks_pos_major(x, 32, 34), _superblocks_pos_major(w, 32, 34)])
+    return run if matching_kernel("K-quant importance weights", both, run, eager, probes) else None
+
+
+def imatrix_weights(X34: torch.Tensor, qw34: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_imatrix_weights`, through the compiled kernel where it is available and exact here."""
+    run = fused_imatrix_weights()
+    return run(X34, qw34) if run is not None else _imatrix_weights(X34, qw34)
+
+
 def _fit_k32(
     X34: torch.Tensor, qw34: torch.Tensor | None, nmax: int, ref: tuple[float, float, int], impl_params
 ):
@@ -96,22 +154,14 @@ def _fit_k32(
         rmin, rdelta, nstep = ref
         qkx3 = False
     else:
-        # sigma2 = 2*sum_x2/QK_K over the whole super-block, accumulated sequentially.
-        sq = X34 * X34  # [34, 8, nsb]
-        s = torch.zeros(nsb, dtype=_F32)
-        for j in range(8):
-            sq[0, j] = s
-            sum_rows(sq[0:17, j], sq[17, j])
-            s = sum_rows(sq[17:34, j])
-        sigma2 = (2 * s) / QK_K
-        Xs = X * X
-        Xs.add_(sigma2.repeat(8))
-        W = torch.mul(qw34[1:].view(33, B), exact_sqrt(Xs), out=fused_kernel.padded_rows(33, (B,)))
-        sw = sum33(W).view(8, nsb)
+        W, sw, sum_x = imatrix_weights(X34, qw34)
+        sw = sw.view(8, nsb)
         rmin, rdelta, nstep = impl_params
         qkx3 = True
-    sum_w = sw.view(B) if sw is not None else sum33(W)
-    sum_x = sum33(W * X)
+    if sw is None:
+        sum_w, sum_x = sum33(W), sum33(W * X)
+    else:
+        sum_w = sw.view(B)
     scales, the_min, levels = make_qkx_all(X, W, xmin, xmax, sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
     return scales.view(8, nsb), the_min.view(8, nsb), levels, sw
 
