@@ -381,6 +381,22 @@ def test_compiled_make_qp_matches_the_array_code_bit_for_bit(rows, nmax):
 
 
 @needs_compiler
+@pytest.mark.parametrize("superblocks", [16 * 5 + 7, 3])
+def test_compiled_imatrix_weights_match_the_array_code_bit_for_bit(superblocks):
+    """Q4_K/Q5_K's importance weights (sigma2 over the super-block, qw*sqrt(sigma2 + x^2) and
+    the per-sub-block sums) through the C++ kernel and the array code, on the extreme blocks
+    above, NaN aside, and on counts that end in a partial vector of super-blocks."""
+    assert kq.fused_imatrix_weights() is not None
+    x, w = _probe_blocks_with_extremes(8 * superblocks, 13)
+    x = torch.nan_to_num(x, nan=1.0, posinf=float("inf"), neginf=float("-inf")).reshape(superblocks, kq.QK_K)
+    w = w.reshape(superblocks, kq.QK_K)
+    X34, W34 = kq._superblocks_pos_major(x, 32, 34), kq._superblocks_pos_major(w, 32, 34)
+    got, want = kq.fused_imatrix_weights()(X34, W34), kq._imatrix_weights(X34, W34)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@needs_compiler
 def test_fused_kernel_matches_eager_search_bit_for_bit():
     """The self-check the encoder runs before trusting the kernel, on blocks that probe the edges."""
     kernel = kquant_fused.compiled_qkx_search()
