@@ -280,6 +280,7 @@ def fresh_fused_caches():
     def clear():
         ss.fused_qkx_search.cache_clear()
         ss.fused_qp_step.cache_clear()
+        kq.fused_imatrix_weights.cache_clear()
         kquant_fused.search_library.cache_clear()
 
     clear()
@@ -421,21 +422,56 @@ def test_a_kernel_that_disagrees_is_not_used(ref, fresh_fused_caches, monkeypatc
     assert np.array_equal(kq.Q4_K.quantize_rows(rows).numpy(), np.tile(ref["n512/gaussian/Q4_K"], (reps, 1)))
 
 
+def test_missing_compiler_named_by_cxx_falls_back(fresh_fused_caches, monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("IDEOQUANT_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert kquant_fused.search_library() is None
+    assert "no C++ compiler" in caplog.text and "no-such-compiler" in caplog.text
+
+
+@needs_compiler
+def test_kernels_are_built_once_and_then_loaded_from_the_cache(fresh_fused_caches, monkeypatch, tmp_path):
+    """The first process builds the library into the cache; later ones only load it (the
+    compiler is asked for its version, never to compile); another source is another file."""
+    real = shutil.which("c++") or shutil.which("g++")
+    calls = tmp_path / "calls.txt"
+    logging_cxx = _fake_compiler(tmp_path / "logging-c++", f'echo "$@" >> "{calls}"; exec "{real}" "$@"')
+    monkeypatch.setenv("CXX", str(logging_cxx))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("IDEOQUANT_KERNEL_CACHE", str(cache))
+
+    def compiles() -> int:
+        return sum("-shared" in line for line in calls.read_text().splitlines())
+
+    assert kquant_fused.search_library() is not None and compiles() == 1
+    built = sorted(p.name for p in cache.iterdir())
+    assert len(built) == 1 and built[0].startswith("scale_search-") and built[0].endswith(".so")
+    kquant_fused.search_library.cache_clear()
+    assert kquant_fused.search_library() is not None and compiles() == 1
+    assert ss.fused_qkx_search() is not None  # the loaded library passes the self-check
+    kquant_fused.build_native_library("other", kquant_fused.SEARCH_SOURCE + "\n/* changed */\n")
+    assert compiles() == 2 and len(list(cache.iterdir())) == 2
+
+
 def test_fused_kernel_can_be_switched_off(fresh_fused_caches, monkeypatch):
     monkeypatch.setenv("IDEOQUANT_FUSED", "0")
     assert kquant_fused.search_library() is None
     assert ss.fused_qkx_search() is None and ss.fused_qp_step(8) is None
 
 
-def test_build_failure_falls_back_to_eager(ref, fresh_fused_caches, monkeypatch, caplog):
-    from torch._inductor import codecache
+def _fake_compiler(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(codecache.CppCodeCache, "load", no_compiler)
+def test_build_failure_falls_back_to_eager(ref, fresh_fused_caches, monkeypatch, caplog, tmp_path):
+    broken = _fake_compiler(tmp_path / "broken-c++", 'echo "fatal error: immintrin.h: not found" >&2; exit 1')
+    monkeypatch.setenv("CXX", str(broken))
+    monkeypatch.setenv("IDEOQUANT_KERNEL_CACHE", str(tmp_path / "cache"))
     assert kquant_fused.search_library() is None
-    assert "no C++ compiler" in caplog.text
+    assert "broken-c++ failed: fatal error: immintrin.h: not found" in caplog.text
+    assert not list((tmp_path / "cache").iterdir())  # no half-built library left behind
     assert ss.fused_qkx_search() is None and ss.fused_qp_step(8) is None
     rows = torch.from_numpy(ref["n512/gaussian/input"])
     assert np.array_equal(kq.Q4_K.quantize_rows(rows, _imatrix(ref, 512, "+imatrix_random")).numpy(), ref["n512/gaussian/Q4_K+imatrix_random"])
