@@ -234,9 +234,16 @@ def test_nearest_int_emulation():
     assert ss.nearest_int_bits(v)[8].item() != 1_000_000_000
 
 
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="the compiled kernels need a C++ compiler"
+)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
 def test_flagged_blocks_are_redone_exactly(ref, qtype, monkeypatch):
-    """Blocks the fast path cannot vouch for go through the exact path: same bytes here."""
+    """Blocks the fast path cannot vouch for go through the exact path: same bytes here (the
+    array search; the compiled fit has its own test below)."""
+    monkeypatch.setattr(kq, "fused_k32", lambda: None)
     rows = torch.from_numpy(ref["n512/heavy_tailed/input"])
     im = torch.from_numpy(ref["n512/imatrix_random"])
     want = [ggml_type(qtype).quantize_rows(rows, imatrix) for imatrix in (None, im)]
@@ -258,6 +265,34 @@ def test_flagged_blocks_are_redone_exactly(ref, qtype, monkeypatch):
         assert torch.equal(g, w)
 
 
+@needs_compiler
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
+def test_blocks_the_compiled_fit_flags_are_redone_exactly(ref, qtype, monkeypatch):
+    """The compiled fit's flagged blocks go through the exact path: ggml's bytes, with every
+    other block flagged."""
+    assert kq.fused_k32() is not None
+    rows = torch.from_numpy(ref["n512/heavy_tailed/input"])
+    im = torch.from_numpy(ref["n512/imatrix_random"])
+    real = kquant_fused.k32_fit_cpp
+    exact_calls = []
+
+    def flag_every_other(*args):
+        out = real(*args)
+        out[4, ::2] = 1.0
+        return out
+
+    def counting_make_qkx(*args, exact=False):
+        exact_calls.append(exact)
+        return ss.make_qkx(*args, exact=exact)
+
+    monkeypatch.setattr(kquant_fused, "k32_fit_cpp", flag_every_other)
+    monkeypatch.setattr(kq, "make_qkx", counting_make_qkx)
+    for imatrix, key in ((None, ""), (im, "+imatrix_random")):
+        got = ggml_type(qtype).quantize_rows(rows, imatrix).numpy()
+        assert np.array_equal(got, ref[f"n512/heavy_tailed/{qtype}{key}"])
+    assert exact_calls and all(exact_calls)
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_decoder_is_device_generic(qtype):
     """No CPU-only constants in the decoders (meta stands in for CUDA)."""
@@ -268,9 +303,6 @@ def test_decoder_is_device_generic(qtype):
 
 # --- the compiled scale-search kernels (fused_kernel.qkx_search_cpp, qp_search_cpp) ----------
 
-needs_compiler = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="the compiled kernels need a C++ compiler"
-)
 
 
 @pytest.fixture
@@ -312,8 +344,10 @@ def _encode_tiled_through_kernel(ref, n, qtype, path, monkeypatch):
     want = np.concatenate([ref[f"n{n}/{c}/{qtype}{path}"] for c in cases])
     reps = -(-3 * ss.INNER_CHUNK_WEIGHTS * torch.get_num_threads() // rows.size)  # three inner chunks at least
     calls = []
-    real = kquant_fused.qkx_search_cpp
-    monkeypatch.setattr(kquant_fused, "qkx_search_cpp", lambda *a: calls.append(1) or real(*a))
+    # Q4_K/Q5_K run make_qkx whole through the fit kernel, Q4_1/Q5_1 its candidate loop.
+    entry = "k32_fit_cpp" if qtype in ("Q4_K", "Q5_K") else "qkx_search_cpp"
+    real = getattr(kquant_fused, entry)
+    monkeypatch.setattr(kquant_fused, entry, lambda *a: calls.append(1) or real(*a))
     ss.fused_qkx_search.cache_clear()  # rebuild the partial around the counting wrapper
     try:
         got = ggml_type(qtype).quantize_rows(torch.from_numpy(np.tile(rows, (reps, 1))), _imatrix(ref, n, path)).numpy()

@@ -180,6 +180,7 @@ def fresh_short_kernels():
 
     def clear():
         kquants23.fused_q3_step.cache_clear()
+        kquants23.fused_qkx16.cache_clear()
         scale_search.fused_qp_step.cache_clear()
         fused_kernel.compiled.cache_clear()
         fused_kernel.search_library.cache_clear()
@@ -205,6 +206,27 @@ def test_short_block_kernels_are_compiled_and_exact_here():
     assert kquants23.fused_q3_step() is not None
     assert scale_search.fused_qp_step(8) is not None  # Q4_K / Q5_K scales and mins
     assert scale_search.fused_qp_step(16) is not None  # Q2_K scales and mins
+    assert kquants23.fused_qkx16() is not None  # Q2_K's make_qkx on 16-weight sub-blocks
+
+
+Q2_K_CASES = [k for k in REFERENCE_KEYS if k[2] == "Q2_K"]
+
+
+@needs_compiler
+def test_q2_k_through_the_compiled_search_matches_ggml(ref, fresh_short_kernels, monkeypatch):
+    """Every Q2_K vector, without and with an importance matrix, with make_qkx on 16-weight
+    sub-blocks running through the C++ kernel (counted, so a fallback cannot pass unseen)."""
+    calls = []
+    real = fused_kernel.qkx16_fit_cpp
+    monkeypatch.setattr(fused_kernel, "qkx16_fit_cpp", lambda *a: calls.append(a[4:]) or real(*a))
+    _assert_matches_vectors(ref, Q2_K_CASES)
+    assert {(3, False, True), (3, True, False)} <= set(calls)  # (nmax, qkx3, use_mad): both searches
+
+
+def test_q2_k_eager_search_matches_ggml(ref, fresh_short_kernels, monkeypatch):
+    monkeypatch.setenv("IDEOQUANT_FUSED", "0")
+    assert kquants23.fused_qkx16() is None
+    _assert_matches_vectors(ref, Q2_K_CASES)
 
 
 def test_eager_short_block_searches_match_ggml(ref, fresh_short_kernels, monkeypatch):

@@ -202,23 +202,14 @@ static inline int lanes_of(int g, int n) {
    by side: each sequential sum waits on the latency of its additions, the others fill it in
    (3 vectors: 30% faster than 1, 4 no faster than 3). */
 #define G 3
-static void qkx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* v,
-                      int64_t B, float* s, int64_t b0, int n, const float* cs, int64_t ncand,
-                      float nmax_f) {
-    vf xs[32][G], ws[32][G], lv[32][G];
-    vf mx[G], sw[G], sx[G], best[G], scale[G], lis[G], lmin[G], mn[G], mnhi[G];
-    for (int g = 0; g < G; ++g) {
-        const int m = lanes_of(g, n);
-        const int64_t c0 = b0 + g * LANES;
-        for (int r = 0; r < 32; ++r) {
-            const int row = r < 16 ? r : r + 1; /* gapped layout: row 16 is scratch */
-            xs[r][g] = load_n(x + row * ldx, c0, m);
-            ws[r][g] = load_n(w + row * ldw, c0, m);
-        }
-        mx[g] = load_n(v, c0, m); sw[g] = load_n(v + B, c0, m); sx[g] = load_n(v + 2 * B, c0, m);
-        best[g] = load_n(s, c0, m); scale[g] = load_n(s + B, c0, m); lis[g] = load_n(s + 2 * B, c0, m);
-        lmin[g] = load_n(s + 3 * B, c0, m); mn[g] = load_n(s + 4 * B, c0, m); mnhi[g] = load_n(s + 5 * B, c0, m);
-    }
+
+/* The candidate loop itself, on G vectors of blocks held in xs, ws: the state (best error,
+   scale, iscale and min of the winning levels, current min, largest min used) is updated in
+   place. mx: block maxima; sw, sx: sum(w), sum(w*x). */
+static inline void qkx_candidates(const vf xs[32][G], const vf ws[32][G], const vf* mx, const vf* sw,
+                                  const vf* sx, vf* best, vf* scale, vf* lis, vf* lmin, vf* mn,
+                                  vf* mnhi, const float* cs, int64_t ncand, float nmax_f) {
+    vf lv[32][G];
     const vf zero = {0}, nmax = zero + nmax_f, magic = zero + 12582912.0f;
     for (int64_t c = 0; c < ncand; ++c) {
         vf isc[G], sl[G], sl2[G], sxl[G], err[G], D[G], ts[G], tm[G];
@@ -264,6 +255,29 @@ static void qkx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, 
             mn[g] = take ? tm[g] : mn[g];
         }
     }
+}
+
+/* The candidate loop on G*LANES blocks from b0 on (n of them exist). Independent vectors side
+   by side: each sequential sum waits on the latency of its additions, the others fill it in
+   (3 vectors: 30% faster than 1, 4 no faster than 3). */
+static void qkx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* v,
+                      int64_t B, float* s, int64_t b0, int n, const float* cs, int64_t ncand,
+                      float nmax_f) {
+    vf xs[32][G], ws[32][G];
+    vf mx[G], sw[G], sx[G], best[G], scale[G], lis[G], lmin[G], mn[G], mnhi[G];
+    for (int g = 0; g < G; ++g) {
+        const int m = lanes_of(g, n);
+        const int64_t c0 = b0 + g * LANES;
+        for (int r = 0; r < 32; ++r) {
+            const int row = r < 16 ? r : r + 1; /* gapped layout: row 16 is scratch */
+            xs[r][g] = load_n(x + row * ldx, c0, m);
+            ws[r][g] = load_n(w + row * ldw, c0, m);
+        }
+        mx[g] = load_n(v, c0, m); sw[g] = load_n(v + B, c0, m); sx[g] = load_n(v + 2 * B, c0, m);
+        best[g] = load_n(s, c0, m); scale[g] = load_n(s + B, c0, m); lis[g] = load_n(s + 2 * B, c0, m);
+        lmin[g] = load_n(s + 3 * B, c0, m); mn[g] = load_n(s + 4 * B, c0, m); mnhi[g] = load_n(s + 5 * B, c0, m);
+    }
+    qkx_candidates(xs, ws, mx, sw, sx, best, scale, lis, lmin, mn, mnhi, cs, ncand, nmax_f);
     for (int g = 0; g < G; ++g) {
         const int m = lanes_of(g, n);
         if (m == 0) continue;
@@ -416,6 +430,219 @@ extern "C" void k_imatrix_weights(const float* x, int64_t ldx, const float* qw, 
         }
     }
 }
+
+static inline vf vabs(vf a) { return (vf)((vi)a & 0x7FFFFFFF); }
+
+/* make_qkx2/3_quants whole on G*LANES blocks from b0 on (n exist), as `scale_search.make_qkx`
+   computes it: block min and max, the weights of Q4_K/Q5_K's _ref encoders when w is NULL
+   (|x| + sqrt(sum(x^2)/32)) or the given ones with their sums sw, sx, the first fit, the
+   candidate loop. out [5, B]: scale, the_min, iscale and min of the levels, and 1 where the
+   block needs the exact path (NaN, or a range where the fast rounding may differ). */
+static void k32_fit_group(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* swp,
+                          const float* sxp, int64_t B, float* out, int64_t b0, int n, const float* cs,
+                          int64_t ncand, float nmax_f, int qkx3, float c_max) {
+    vf xs[32][G], ws[32][G];
+    vf mx[G], xmin[G], sw[G], sx[G], best[G], scale[G], lis[G], lmin[G], mn[G], mnhi[G];
+    vi nan[G], early[G];
+    const vf zero = {0}, nmax = zero + nmax_f, magic = zero + 12582912.0f, one = zero + 1.0f;
+    for (int g = 0; g < G; ++g) {
+        const int m = lanes_of(g, n);
+        const int64_t c0 = b0 + g * LANES;
+        for (int r = 0; r < 32; ++r) xs[r][g] = load_n(x + (r < 16 ? r : r + 1) * ldx, c0, m);
+        vf lo = xs[0][g], hi = xs[0][g];
+        vi bad = xs[0][g] != xs[0][g];
+        for (int r = 1; r < 32; ++r) {
+            lo = xs[r][g] < lo ? xs[r][g] : lo;
+            hi = xs[r][g] > hi ? xs[r][g] : hi;
+            bad = bad | (xs[r][g] != xs[r][g]);
+        }
+        xmin[g] = lo; mx[g] = hi; nan[g] = bad;
+        if (w == 0) {
+            vf s2 = zero;
+            for (int r = 0; r < 32; ++r) s2 = s2 + xs[r][g] * xs[r][g];
+            const vf av = vsqrt(s2 / 32.0f);
+            vf a = zero, b = zero;
+            for (int r = 0; r < 32; ++r) {
+                ws[r][g] = vabs(xs[r][g]) + av;
+                a = a + ws[r][g];
+                b = b + ws[r][g] * xs[r][g];
+            }
+            sw[g] = a; sx[g] = b;
+        } else {
+            for (int r = 0; r < 32; ++r) ws[r][g] = load_n(w + (r < 16 ? r : r + 1) * ldw, c0, m);
+            sw[g] = load_n(swp, c0, m); sx[g] = load_n(sxp, c0, m);
+        }
+        const vf mn0 = xmin[g] > zero ? zero : xmin[g];
+        early[g] = (qkx3 ? (mx[g] <= mn0) : (mx[g] == mn0)) & ~bad;
+        const vf isc0 = nmax / (mx[g] - mn0), sc0 = one / isc0;
+        vf err = zero;
+        for (int r = 0; r < 32; ++r) {
+            vf q = ((xs[r][g] - mn0) * isc0 + magic) - magic;
+            q = q < zero ? zero : q;
+            q = q > nmax ? nmax : q;
+            const vf diff = q * sc0 + mn0 - xs[r][g];
+            err = err + (diff * diff) * ws[r][g];
+        }
+        best[g] = err; scale[g] = sc0; lis[g] = isc0; lmin[g] = mn0; mn[g] = mn0; mnhi[g] = mn0;
+    }
+    qkx_candidates(xs, ws, mx, sw, sx, best, scale, lis, lmin, mn, mnhi, cs, ncand, nmax_f);
+    for (int g = 0; g < G; ++g) {
+        const int m = lanes_of(g, n);
+        if (m == 0) continue;
+        const int64_t c0 = b0 + g * LANES;
+        const vf rng = mx[g] - mnhi[g];
+        const vi ok = (rng > zero) & ((mnhi[g] - xmin[g]) * c_max <= rng * 1.0e6f) & ((mx[g] - xmin[g]) < 3.0e38f);
+        const vi flagged = (~ok & ~early[g]) | nan[g];
+        store_n(out, c0, m, early[g] ? zero : scale[g]);
+        store_n(out + B, c0, m, -mn[g]);
+        store_n(out + 2 * B, c0, m, early[g] ? zero : lis[g]);
+        store_n(out + 3 * B, c0, m, early[g] ? zero : lmin[g]);
+        store_n(out + 4 * B, c0, m, flagged ? one : zero);
+    }
+}
+
+extern "C" void k32_fit(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* sw,
+                        const float* sx, int64_t B, float* out, const float* cs, int64_t ncand,
+                        float nmax, int64_t qkx3, float c_max, int64_t threads) {
+    const int64_t groups = (B + G * LANES - 1) / (G * LANES);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * G * LANES;
+        const int n = (int)(B - b0 < G * LANES ? B - b0 : G * LANES);
+        k32_fit_group(x, ldx, w, ldw, sw, sx, B, out, b0, n, cs, ncand, nmax, (int)qkx3, c_max);
+    }
+}
+
+/* make_qkx2/3_quants on 16-element blocks (Q2_K), exact for every float: nearest_int is
+   ggml's bit trick throughout. x, w [16, B] rows ldx, ldw apart (w NULL: w = |x|); use_mad:
+   the error sums w*|diff| instead of w*diff^2. out [18, B]: scale, the_min, the 16 levels. */
+static void qkx16_group(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t B, float* out,
+                        int64_t b0, int n, const float* cs, int64_t ncand, float nmax_f, int qkx3, int mad) {
+    vf xs[16][G], ws[16][G], L[16][G], lv[16][G];
+    vf mx[G], mn0[G], sw[G], sx[G], best[G], scale[G], mn[G];
+    vi early[G];
+    const vf zero = {0}, one = zero + 1.0f;
+    const vi lo = {0}, hi = lo + (int32_t)nmax_f;
+    for (int g = 0; g < G; ++g) {
+        const int m = lanes_of(g, n);
+        const int64_t c0 = b0 + g * LANES;
+        for (int r = 0; r < 16; ++r) {
+            xs[r][g] = load_n(x + r * ldx, c0, m);
+            ws[r][g] = w ? load_n(w + r * ldw, c0, m) : vabs(xs[r][g]);
+        }
+        vf a = xs[0][g], b = xs[0][g], s1 = zero, s2 = zero;
+        for (int r = 1; r < 16; ++r) {
+            a = xs[r][g] < a ? xs[r][g] : a;
+            b = xs[r][g] > b ? xs[r][g] : b;
+        }
+        for (int r = 0; r < 16; ++r) {
+            s1 = s1 + ws[r][g];
+            s2 = s2 + ws[r][g] * xs[r][g];
+        }
+        mn0[g] = a > zero ? zero : a;
+        mx[g] = b; sw[g] = s1; sx[g] = s2;
+        early[g] = qkx3 ? (mx[g] <= mn0[g]) : (mx[g] == mn0[g]);
+        const vf isc = nmax_f / (mx[g] - mn0[g]), sc = one / isc;
+        vf err = zero;
+        for (int r = 0; r < 16; ++r) {
+            vi l = nearest_int((xs[r][g] - mn0[g]) * isc);
+            l = l < lo ? lo : l;
+            l = l > hi ? hi : l;
+            L[r][g] = to_float(l);
+            vf d = L[r][g] * sc + mn0[g] - xs[r][g];
+            d = mad ? vabs(d) : d * d;
+            err = err + d * ws[r][g];
+        }
+        best[g] = err; scale[g] = sc; mn[g] = mn0[g];
+    }
+    for (int64_t c = 0; c < ncand; ++c) {
+        vf isc[G], sl[G], sl2[G], sxl[G], err[G], D[G], ts[G], tm[G];
+        for (int g = 0; g < G; ++g) {
+            isc[g] = (zero + cs[c]) / (mx[g] - mn[g]);
+            sl[g] = zero; sl2[g] = zero; sxl[g] = zero; err[g] = zero;
+        }
+        for (int r = 0; r < 16; ++r) {
+            for (int g = 0; g < G; ++g) {
+                vi l = nearest_int((xs[r][g] - mn[g]) * isc[g]);
+                l = l < lo ? lo : l;
+                l = l > hi ? hi : l;
+                const vf q = to_float(l);
+                lv[r][g] = q;
+                const vf wl = ws[r][g] * q;
+                sl[g] = sl[g] + wl;
+                sl2[g] = sl2[g] + wl * q;
+                sxl[g] = sxl[g] + wl * xs[r][g];
+            }
+        }
+        for (int g = 0; g < G; ++g) {
+            D[g] = sw[g] * sl2[g] - sl[g] * sl[g];
+            const vf m = (sl2[g] * sx[g] - sl[g] * sxl[g]) / D[g];
+            const vi pos = m > zero;
+            tm[g] = pos ? zero : m;
+            ts[g] = pos ? sxl[g] / sl2[g] : (sw[g] * sxl[g] - sx[g] * sl[g]) / D[g];
+        }
+        for (int r = 0; r < 16; ++r) {
+            for (int g = 0; g < G; ++g) {
+                vf d = lv[r][g] * ts[g] + tm[g] - xs[r][g];
+                d = mad ? vabs(d) : d * d;
+                err[g] = err[g] + d * ws[r][g];
+            }
+        }
+        for (int g = 0; g < G; ++g) {
+            const vi take = (D[g] > zero) & (err[g] < best[g]);
+            for (int r = 0; r < 16; ++r) L[r][g] = take ? lv[r][g] : L[r][g];
+            best[g] = take ? err[g] : best[g];
+            scale[g] = take ? ts[g] : scale[g];
+            mn[g] = take ? tm[g] : mn[g];
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        const int m = lanes_of(g, n);
+        if (m == 0) continue;
+        const int64_t c0 = b0 + g * LANES;
+        store_n(out, c0, m, early[g] ? zero : scale[g]);
+        store_n(out + B, c0, m, early[g] ? -mn0[g] : -mn[g]);
+        for (int r = 0; r < 16; ++r) store_n(out + (2 + r) * B, c0, m, early[g] ? zero : L[r][g]);
+    }
+}
+
+extern "C" void qkx16_fit(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t B, float* out,
+                          const float* cs, int64_t ncand, float nmax, int64_t qkx3, int64_t mad, int64_t threads) {
+    const int64_t groups = (B + G * LANES - 1) / (G * LANES);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * G * LANES;
+        const int n = (int)(B - b0 < G * LANES ? B - b0 : G * LANES);
+        qkx16_group(x, ldx, w, ldw, B, out, b0, n, cs, ncand, nmax, (int)qkx3, (int)mad);
+    }
+}
+
+/* The final levels of Q4_K/Q5_K, clamp(nearest_int((x + dm)/d), 0, nmax), for the blocks of
+   x [33, B] gapped (block b = j*nsb + s: sub-block j of super-block s), written block-major
+   as uint8 L[s][j][32]. */
+extern "C" void k32_levels(const float* x, int64_t ldx, const float* d, const float* dm, int64_t nsb,
+                           int64_t nmax, uint8_t* L, int64_t threads) {
+    const int64_t B = 8 * nsb, groups = (B + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * LANES;
+        const int m = (int)(B - b0 < LANES ? B - b0 : LANES);
+        const vf dv = load_n(d, b0, m), dmv = load_n(dm, b0, m);
+        const vi hi = (vi){0} + (int32_t)nmax, lo = {0};
+        int32_t t[32][LANES];
+        for (int r = 0; r < 32; ++r) {
+            vi l = nearest_int((load_n(x + (r < 16 ? r : r + 1) * ldx, b0, m) + dmv) / dv);
+            l = l < lo ? lo : l;
+            l = l > hi ? hi : l;
+            memcpy(t[r], &l, sizeof l);
+        }
+        for (int k = 0; k < m; ++k) {
+            const int64_t b = b0 + k;
+            uint8_t* dst = L + ((b % nsb) * 8 + b / nsb) * 32;
+            for (int r = 0; r < 32; ++r) dst[r] = (uint8_t)t[r][k];
+        }
+    }
+}
 """
 
 
@@ -493,6 +720,12 @@ def search_library():
         lib.qp_search.restype = None
         lib.k_imatrix_weights.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64]
         lib.k_imatrix_weights.restype = None
+        lib.k32_fit.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_float, i64, ctypes.c_float, i64]
+        lib.k32_fit.restype = None
+        lib.k32_levels.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64]
+        lib.k32_levels.restype = None
+        lib.qkx16_fit.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_float, i64, i64, i64]
+        lib.qkx16_fit.restype = None
         return lib
     except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
         log.warning("compiled scale searches unavailable (%s); using the eager encoder", exc)
@@ -530,6 +763,65 @@ def imatrix_weights_cpp(kernel: Callable[..., None], X: torch.Tensor, qw: torch.
     kernel(X.data_ptr(), X.stride(0), qw.data_ptr(), qw.stride(0), nsb, W.data_ptr(), W.stride(0),
            sw.data_ptr(), sx.data_ptr(), max(1, torch.get_num_threads()))
     return W, sw, sx
+
+
+def compiled_k32() -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """The C++ make_qkx fit and final levels of Q4_K/Q5_K (`k32_fit_cpp`, `k32_levels_cpp`), or None."""
+    lib = search_library()
+    return None if lib is None else (lib.k32_fit, lib.k32_levels)
+
+
+def k32_fit_cpp(kernel: Callable[..., None], X: torch.Tensor, W: torch.Tensor | None, sum_w: torch.Tensor | None,
+                sum_x: torch.Tensor | None, numerators: list[float], nmax: int, qkx3: bool) -> torch.Tensor:
+    """make_qkx2/3_quants for every block of X [33, B] (gapped), with the _ref weights of
+    Q4_K/Q5_K when W is None, else W [33, B] and its sums: float32 [5, B] = scale, the_min,
+    iscale and min of the levels, 1.0 where a block needs the exact path."""
+    X = _unit_stride(X)
+    B = X.shape[1]
+    out = torch.empty((5, B), dtype=torch.float32)
+    cs = torch.tensor(numerators, dtype=torch.float32)
+    c_max = max(abs(c) for c in numerators)
+    if W is None:
+        w_ptr, ldw, sw_ptr, sx_ptr = 0, 0, 0, 0
+    else:
+        W = _unit_stride(W)
+        sum_w, sum_x = sum_w.contiguous(), sum_x.contiguous()
+        w_ptr, ldw, sw_ptr, sx_ptr = W.data_ptr(), W.stride(0), sum_w.data_ptr(), sum_x.data_ptr()
+    kernel(X.data_ptr(), X.stride(0), w_ptr, ldw, sw_ptr, sx_ptr, B, out.data_ptr(), cs.data_ptr(),
+           len(numerators), float(nmax), int(qkx3), c_max, max(1, torch.get_num_threads()))
+    return out
+
+
+def k32_levels_cpp(kernel: Callable[..., None], X: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, nmax: int) -> torch.Tensor:
+    """clamp(nearest_int((x + dm)/d), 0, nmax) for X [33, 8*nsb] gapped (block j*nsb + s), d, dm
+    [8*nsb]: uint8 [nsb, 8, 32], super-block by super-block."""
+    X = _unit_stride(X)
+    nsb = X.shape[1] // 8
+    d, dm = d.to(torch.float32).contiguous(), dm.to(torch.float32).contiguous()
+    out = torch.empty((nsb, 8, 32), dtype=torch.uint8)
+    kernel(X.data_ptr(), X.stride(0), d.data_ptr(), dm.data_ptr(), nsb, nmax, out.data_ptr(), max(1, torch.get_num_threads()))
+    return out
+
+
+def compiled_qkx16() -> Callable[..., None] | None:
+    """The C++ make_qkx2/3_quants on 16-element blocks (`qkx16_fit_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.qkx16_fit
+
+
+def qkx16_fit_cpp(kernel: Callable[..., None], X: torch.Tensor, W: torch.Tensor | None, numerators: list[float],
+                  nmax: int, qkx3: bool, use_mad: bool) -> torch.Tensor:
+    """make_qkx2/3_quants for every 16-element block of X [16, B] (W None: w = |x|): float32
+    [18, B] = scale, the_min, the levels."""
+    X = _unit_stride(X)
+    B = X.shape[1]
+    W = None if W is None else _unit_stride(W)
+    out = torch.empty((18, B), dtype=torch.float32)
+    cs = torch.tensor(numerators, dtype=torch.float32)
+    kernel(X.data_ptr(), X.stride(0), 0 if W is None else W.data_ptr(), 0 if W is None else W.stride(0), B,
+           out.data_ptr(), cs.data_ptr(), len(numerators), float(nmax), int(qkx3), int(use_mad),
+           max(1, torch.get_num_threads()))
+    return out
 
 
 def qp_search_cpp(kernel: Callable[..., None], x: torch.Tensor, w: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:

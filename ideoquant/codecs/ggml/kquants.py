@@ -29,12 +29,17 @@ from .scale_search import (
     fp16_round,
     fused_search_available,
     gapped33,
+    _adversarial_blocks,
+    _QkxResult,
+    make_qkx,
     make_qkx_all,
+    make_qkx_numerators,
     matching_kernel,
     short_block_probe,
     make_qp,
     make_qx,
     nearest_int_bits,
+    qkx_levels,
     round_up,
     sum33,
     sum_rows,
@@ -189,19 +194,59 @@ def _requant_k32(X: torch.Tensor, levels, d: torch.Tensor, dmin: torch.Tensor, s
     return _nearest_int_clamped(v, 0, nmax)
 
 
-def _encode_k32(x: torch.Tensor, qw: torch.Tensor | None, five_bit: bool) -> torch.Tensor:
-    """Q4_K (five_bit=False) or Q5_K super-blocks: x, qw [nsb, 256] -> uint8 [nsb, 144|176]."""
-    nsb = x.shape[0]
+def _k32_params(five_bit: bool, qkx3: bool) -> tuple[int, float, float, int]:
+    """nmax and make_qkx's (rmin, rdelta, nstep) of Q4_K/Q5_K: _ref, or _impl (qkx3)."""
     nmax = 31 if five_bit else 15
-    X34 = _superblocks_pos_major(x, 32, 34)
-    qw34 = None if qw is None else _superblocks_pos_major(qw, 32, 34)
-    if five_bit:
-        ref = (-0.5, 0.1, 15)
-    else:
-        ref = (-1.0, 0.1, 20)
-    scales, mins, levels, sw = _fit_k32(X34, qw34, nmax, ref, (-0.9, 0.05, 36))
+    if qkx3:
+        return nmax, -0.9, 0.05, 36
+    return (nmax, -0.5, 0.1, 15) if five_bit else (nmax, -1.0, 0.1, 20)
 
-    if qw is None:
+
+def _fit_k32_compiled(kernels, X34: torch.Tensor, qw34: torch.Tensor | None, five_bit: bool):
+    """`_fit_k32` through the C++ fit (`fused_kernel.k32_fit_cpp`); the blocks it flags (NaN,
+    or ranges where its fast rounding may differ from ggml) are redone by the exact path."""
+    nsb = X34.shape[2]
+    B = 8 * nsb
+    X = X34[1:].view(33, B)
+    qkx3 = qw34 is not None
+    nmax, rmin, rdelta, nstep = _k32_params(five_bit, qkx3)
+    cs = make_qkx_numerators(nmax, rmin, rdelta, nstep)
+    W = sw = sum_x = None
+    if qkx3:
+        W, sw, sum_x = imatrix_weights(X34, qw34)
+    fit = fused_kernel.k32_fit_cpp(kernels[0], X, W, sw, sum_x, cs, nmax, qkx3)
+    scale, the_min, l_iscale, l_min = fit[0], fit[1], fit[2], fit[3]
+    flagged = fit[4] != 0
+    fix = None
+    if bool(flagged.any()):
+        idx = flagged.nonzero().flatten()
+        Xs = X[:, idx].contiguous()
+        data = ungap33(Xs)
+        if qkx3:
+            Ws, sws, sxs = W[:, idx].contiguous(), sw[idx], sum_x[idx]
+        else:
+            av_x = exact_sqrt(sum33(Xs * Xs) / 32)
+            Ws = torch.abs(Xs).add_(av_x)
+            sws, sxs = sum33(Ws.clone()), sum33(Ws * Xs)
+        res2, _ = make_qkx(Xs, Ws, data.amin(0), data.amax(0), sws, sxs, nmax, rmin, rdelta, nstep, qkx3, exact=True)
+        scale, the_min = scale.clone(), the_min.clone()
+        scale[idx], the_min[idx] = res2.scale, res2.the_min
+        fix = (idx, Xs, res2)
+    res = _QkxResult(scale, the_min, l_iscale, l_min, None)
+
+    def levels() -> torch.Tensor:
+        L = qkx_levels(X, res, nmax, qkx3, exact=False)
+        if fix is not None:
+            L[:, fix[0]] = qkx_levels(fix[1], fix[2], nmax, qkx3, exact=True)
+        return L
+
+    return scale.view(8, nsb), the_min.view(8, nsb), levels, None if sw is None else sw.view(8, nsb)
+
+
+def _scales_k32(scales, mins, sw, five_bit: bool):
+    """The super-block scales of Q4_K/Q5_K: (d, dmin [nsb], ls, lm int32 [8, nsb])."""
+    nsb = scales.shape[1]
+    if sw is None:
         zero = torch.zeros(nsb, dtype=_F32)
         max_scale = scales.amax(0)
         max_scale = torch.where(max_scale > 0, max_scale, zero)
@@ -211,34 +256,86 @@ def _encode_k32(x: torch.Tensor, qw: torch.Tensor | None, five_bit: bool) -> tor
         inv_min = torch.where(max_min > 0, exact_div(63.0, max_min), zero)
         ls = torch.clamp(nearest_int_bits(inv_scale * scales) & 0xFF, max=63)
         lm = torch.clamp(nearest_int_bits(inv_min * mins) & 0xFF, max=63)
-        d = max_scale / 63
-        dmin = max_min / 63
+        return max_scale / 63, max_min / 63, ls, lm
+    # make_qp_quants on the scales and on the mins, both at once.
+    dd, ll = make_qp(torch.cat([scales, mins], dim=1), torch.cat([sw, sw], dim=1), 63)
+    ls, lm = ll[:, :nsb], ll[:, nsb:]
+    if five_bit:
+        ls = torch.clamp(ls, max=63)
+        lm = torch.clamp(lm, max=63)
+    return dd[:nsb], dd[nsb:], ls, lm
+
+
+def _pack_k32(L: torch.Tensor, five_bit: bool) -> list[torch.Tensor]:
+    """The quant bytes of Q4_K/Q5_K super-blocks from their levels L uint8 [nsb, 8, 32]:
+    [qs] or [qh, qs], each [nsb, bytes]."""
+    nsb = L.shape[0]
+    if not five_bit:
+        return [(L[:, 0::2] | (L[:, 1::2] << 4)).reshape(nsb, 128)]
+    qs = (L[:, 0::2] & 0xF) | ((L[:, 1::2] & 0xF) << 4)
+    hb = (L >> 4).to(torch.int32)
+    qh = torch.zeros((nsb, 32), dtype=torch.int32)
+    for j in range(8):
+        qh |= hb[:, j] << j
+    return [qh.to(torch.uint8), qs.reshape(nsb, 128)]
+
+
+def _encode_k32(x: torch.Tensor, qw: torch.Tensor | None, five_bit: bool) -> torch.Tensor:
+    """Q4_K (five_bit=False) or Q5_K super-blocks: x, qw [nsb, 256] -> uint8 [nsb, 144|176],
+    the scale search and final levels through the C++ kernels where they are available and
+    have matched the array code here (`fused_k32`)."""
+    return _encode_k32_with(fused_k32(), x, qw, five_bit)
+
+
+def _encode_k32_with(kernels, x: torch.Tensor, qw: torch.Tensor | None, five_bit: bool) -> torch.Tensor:
+    """`_encode_k32` with the given C++ kernels (`fused_kernel.compiled_k32`), or None: array code."""
+    nsb = x.shape[0]
+    nmax = 31 if five_bit else 15
+    X34 = _superblocks_pos_major(x, 32, 34)
+    qw34 = None if qw is None else _superblocks_pos_major(qw, 32, 34)
+    if kernels is not None:
+        scales, mins, levels, sw = _fit_k32_compiled(kernels, X34, qw34, five_bit)
     else:
-        # make_qp_quants on the scales and on the mins, both at once.
-        dd, ll = make_qp(torch.cat([scales, mins], dim=1), torch.cat([sw, sw], dim=1), 63)
-        d, dmin = dd[:nsb], dd[nsb:]
-        ls, lm = ll[:, :nsb], ll[:, nsb:]
-        if five_bit:
-            ls = torch.clamp(ls, max=63)
-            lm = torch.clamp(lm, max=63)
+        _, rmin, rdelta, nstep = _k32_params(five_bit, False)
+        scales, mins, levels, sw = _fit_k32(X34, qw34, nmax, (rmin, rdelta, nstep), _k32_params(five_bit, True)[1:])
+    d, dmin, ls, lm = _scales_k32(scales, mins, sw, five_bit)
     q = _pack_scales_k4(ls, lm)
     sc, m = _unpack_scales_k4(q)
     X = X34[1:].view(33, -1)
-    L = _requant_k32(X, levels, d, dmin, sc, m, nmax)
-
-    Lb = ungap33(L).to(torch.uint8).view(32, 4, 2, nsb)  # [l, pair, half, nsb]
-    if five_bit:
-        qs = (Lb[:, :, 0] & 0xF) | ((Lb[:, :, 1] & 0xF) << 4)  # [32, 4, nsb]
-        hb = (Lb >> 4).view(32, 8, nsb).to(torch.int32)
-        qh = torch.zeros((32, nsb), dtype=torch.int32)
-        for j in range(8):
-            qh |= hb[:, j] << j
-        parts = [qh.to(torch.uint8).permute(1, 0), qs.permute(2, 1, 0).reshape(nsb, 128)]
+    if kernels is not None:
+        dj = (fp16_round(d).unsqueeze(0) * sc.to(_F32)).view(-1)  # [B]
+        dmj = (fp16_round(dmin).unsqueeze(0) * m.to(_F32)).view(-1)
+        L = fused_kernel.k32_levels_cpp(kernels[1], X, dj, dmj, nmax)  # [nsb, 8, 32]
+        skip = (dj == 0).nonzero().flatten()
+        if skip.numel():  # ggml's `continue`: these sub-blocks keep the search's levels
+            kept = ungap33(levels())[:, skip].to(torch.uint8)  # [32, n]
+            L[skip % nsb, skip // nsb] = kept.T
     else:
-        qs = Lb[:, :, 0] | (Lb[:, :, 1] << 4)
-        parts = [qs.permute(2, 1, 0).reshape(nsb, 128)]
+        Lg = _requant_k32(X, levels, d, dmin, sc, m, nmax)
+        L = ungap33(Lg).to(torch.uint8).view(32, 8, nsb).permute(2, 1, 0)
     head = [fp16_bytes(d), fp16_bytes(dmin), q.to(torch.uint8).permute(1, 0)]
-    return torch.cat(head + parts, dim=1)
+    return torch.cat(head + _pack_k32(L, five_bit), dim=1)
+
+
+@functools.cache
+def fused_k32() -> tuple[Callable, Callable] | None:
+    """The C++ fit and levels of Q4_K/Q5_K once Q4_K and Q5_K super-blocks encoded through
+    them (without and with importance weights) match the array code byte for byte on probe
+    blocks here; else None (with a one-line warning)."""
+    kernels = fused_kernel.compiled_k32()
+    if kernels is None:
+        return None
+    x, w = _adversarial_blocks(8 * 301, seed=5)  # a count that leaves partial vectors
+    x, w = x.reshape(301, QK_K), w.reshape(301, QK_K)
+    x[7, 13] = 3e38  # a range the fast rounding cannot vouch for: the exact path
+    x[9] = 0.0  # an all-zero super-block
+    x[11, 40:72] = 0.0  # a zero sub-block: its scale rounds to 0 (ggml's `continue`)
+    cases = [(five, qw) for five in (False, True) for qw in (None, w)]
+
+    def encode(with_kernels) -> torch.Tensor:
+        return torch.cat([_encode_k32_with(with_kernels, x, qw, five).reshape(-1) for five, qw in cases]).to(torch.int32)
+
+    return matching_kernel("Q4_K/Q5_K fit", lambda: encode(kernels), kernels, lambda: encode(None), [[]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +412,7 @@ class _KQuant(GGMLType):
     def prepare(cls) -> None:
         if cls.fused_search:
             fused_search_available()
+            fused_k32()
 
     @classmethod
     def quantize_blocks(cls, blocks, weights=None):

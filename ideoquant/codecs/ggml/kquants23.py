@@ -26,8 +26,10 @@ from .scale_search import (
     exact_div,
     exact_sqrt,
     fp16_round,
+    make_qkx_numerators,
     make_qp,
     make_qx,
+    matching_kernel,
     nearest_int_bits,
     short_block_probe,
     sum_rows,
@@ -69,14 +71,48 @@ def importance_weights(X: torch.Tensor, QW: torch.Tensor, sigma2: torch.Tensor) 
 # --------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def fused_qkx16() -> Callable[..., None] | None:
+    """The C++ make_qkx on 16-element blocks, once it has matched the array code bit for bit
+    on probe blocks here for Q2_K's two searches; else None (with a one-line warning)."""
+    kernel = fused_kernel.compiled_qkx16()
+    if kernel is None:
+        return None
+    x, w = short_block_probe(_SUB, 4101, seed=13)
+    x[:, 1::4] = -x[:, 1::4]  # negative and mixed-sign blocks too
+    searches = ((3, -0.5, 0.1, 15, False, True), (3, -0.9, 0.05, 36, True, False))
+
+    def run(fused):
+        outs = []
+        for nmax, rmin, rdelta, nstep, qkx3, mad in searches:
+            for W in (None, w):
+                scale, the_min, L = make_qkx16(x, W, nmax, rmin, rdelta, nstep, qkx3, mad, fused=fused)
+                # + 0.0: the sign of a zero min is torch.amin's choice in the array code (the
+                # kernel keeps ggml's first zero); it never reaches the stored bytes.
+                outs += [scale, the_min + 0.0, L]
+        return torch.cat([t.reshape(-1) for t in outs])
+
+    return matching_kernel("make_qkx on 16-weight blocks", lambda: run(kernel), kernel, lambda: run(False), [[]])
+
+
 def make_qkx16(
-    X: torch.Tensor, W: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, qkx3: bool, use_mad: bool
+    X: torch.Tensor, W: torch.Tensor | None, nmax: int, rmin: float, rdelta: float, nstep: int, qkx3: bool,
+    use_mad: bool, fused: bool | Callable[..., None] = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's make_qkx2_quants (qkx3=False) or make_qkx3_quants with weights, n = 16.
 
-    X, W: [16, B] position-major sub-blocks and their weights. Returns (scale [B],
+    X, W: [16, B] position-major sub-blocks and their weights (None: |x|). Returns (scale [B],
     the_min [B] = -min, L [16, B] float levels). The candidates depend on each other through
-    the running min, so they run one after the other, each vectorized over all sub-blocks."""
+    the running min, so they run one after the other, each vectorized over all sub-blocks;
+    the whole search runs through the C++ kernel (`fused_kernel.qkx16_fit_cpp`) where it is
+    available and has matched this code here (`fused_qkx16`); `fused`: True, False (never), or
+    the kernel itself."""
+    kernel = fused if callable(fused) else (fused_qkx16() if fused else None)
+    if kernel is not None:
+        out = fused_kernel.qkx16_fit_cpp(kernel, X, W, make_qkx_numerators(nmax, rmin, rdelta, nstep), nmax, qkx3, use_mad)
+        return out[0], out[1], out[2:]
+    if W is None:
+        W = X.abs()
     fnmax = float(nmax)
     xmin = X.amin(0)
     xmax = X.amax(0)
@@ -252,8 +288,7 @@ def _encode_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     X3 = _superblocks_pos_major(x, _SUB, _SUB)  # [16 pos, 16 sub, nsb]
     X = X3.view(_SUB, -1)
     if qw is None:
-        W = X.abs()
-        scales, mins, L = make_qkx16(X, W, 3, -0.5, 0.1, 15, qkx3=False, use_mad=True)
+        scales, mins, L = make_qkx16(X, None, 3, -0.5, 0.1, 15, qkx3=False, use_mad=True)
         scales, mins = scales.view(_NSUB, nsb), mins.view(_NSUB, nsb)
         zero = torch.zeros(nsb, dtype=_F32)
         max_scale = torch.clamp(scales.amax(0), min=0.0)

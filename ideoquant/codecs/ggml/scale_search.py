@@ -243,6 +243,13 @@ class _Gap33:
         return sum_rows(self.hi, out, True)
 
 
+def make_qkx_numerators(nmax: int, rmin: float, rdelta: float, nstep: int) -> list[float]:
+    """The candidate numerators rmin + rdelta*is + nmax (is = 0..nstep) of make_qkx2/3_quants,
+    in float32 as ggml computes them."""
+    rmin32, rdelta32, nmax32 = np.float32(rmin), np.float32(rdelta), np.float32(nmax)
+    return [float((rmin32 + rdelta32 * np.float32(i)) + nmax32) for i in range(nstep + 1)]
+
+
 def make_qkx(
     X: torch.Tensor,
     W: torch.Tensor,
@@ -312,8 +319,7 @@ def make_qkx(
     error(state[1], mn0, quant(iscale0, mn0, T), best)
     mn_hi = mn0.clone()  # largest min used: bounds |iscale*(x - min)| over the loop
 
-    rmin32, rdelta32, nmax32 = np.float32(rmin), np.float32(rdelta), np.float32(nmax)
-    cs = [float((rmin32 + rdelta32 * np.float32(i)) + nmax32) for i in range(nstep + 1)]
+    cs = make_qkx_numerators(nmax, rmin, rdelta, nstep)
     search = fused if callable(fused) else (fused_qkx_search() if fused and not exact else None)
     if search is not None:
         s = search(X, W, torch.stack((mx, sum_w, sum_x)), torch.cat((state, mn_hi.unsqueeze(0))), cs, nmax)
