@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from ideoquant.codecs.ggml import blocks32 as b32
-from ideoquant.codecs.ggml import iq4, ref32_kernel
+from ideoquant.codecs.ggml import fused_kernel, iq4, ref32_kernel
 from ideoquant.codecs.ggml.registry import ggml_type
 
 
@@ -250,13 +250,13 @@ def test_a_compiled_ref_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
 @needs_compiler
 @pytest.mark.parametrize("path", ["+imatrix_ones", "+imatrix_random"])
 def test_compiled_q5_0_search_matches_ggml(path, monkeypatch):
-    """Q5_0 with an importance matrix: ggml's bytes with make_qx_quants' sums compiled."""
-    rows, want = _tiled_reference("Q5_0", 2 * ref32_kernel.qx_bucket_blocks(), path)
+    """Q5_0 with an importance matrix: ggml's bytes with make_qx_quants through the C++ kernel."""
+    rows, want = _tiled_reference("Q5_0", 3 * 4096, path)
     with np.load(DATA) as z:
         imatrix = torch.ones(512) if path == "+imatrix_ones" else torch.from_numpy(z["n512/imatrix_random"])
     used = []
-    real = ref32_kernel._qx_run
-    monkeypatch.setattr(ref32_kernel, "_qx_run", lambda step, *a: used.append(step is not ref32_kernel.qx_candidate_search) or real(step, *a))
+    real = fused_kernel.qx_search_cpp
+    monkeypatch.setattr(fused_kernel, "qx_search_cpp", lambda *a: used.append(1) or real(*a))
     got = ggml_type("Q5_0").quantize_rows(torch.from_numpy(rows), imatrix).numpy()
-    assert any(used), "the compiled kernel was not used"
+    assert used, "the compiled kernel was not used"
     assert np.array_equal(got, want)

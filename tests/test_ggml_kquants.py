@@ -431,6 +431,31 @@ def test_compiled_imatrix_weights_match_the_array_code_bit_for_bit(superblocks):
         assert a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+# make_qx_quants: Q6_K (both paths), Q4_0 and Q5_0 with an importance matrix.
+QX_CASES = [k for k in REFERENCE_KEYS if k[2] == "Q6_K" or (k[2] in ("Q4_0", "Q5_0") and k[3])]
+
+
+@needs_compiler
+def test_make_qx_through_the_compiled_kernel_matches_ggml(ref, monkeypatch):
+    """Every vector whose encoder runs make_qx_quants, with the C++ kernel counted (a fallback
+    to the array code cannot pass unseen), for 16- and 32-weight blocks."""
+    assert ss.fused_qx() is not None
+    rows = []
+    real = kquant_fused.qx_search_cpp
+    monkeypatch.setattr(kquant_fused, "qx_search_cpp", lambda *a: rows.append(a[1].shape[0]) or real(*a))
+    for n, case, qtype, path in QX_CASES:
+        got = ggml_type(qtype).quantize_rows(torch.from_numpy(ref[f"n{n}/{case}/input"]), _imatrix(ref, n, path)).numpy()
+        assert np.array_equal(got, ref[f"n{n}/{case}/{qtype}{path}"]), f"n{n} {case} {qtype}{path}"
+    assert {16, 33} <= set(rows)
+
+
+def test_make_qx_array_code_matches_ggml(ref, monkeypatch):
+    monkeypatch.setattr(ss, "fused_qx", lambda: None)
+    for n, case, qtype, path in QX_CASES[::5]:
+        got = ggml_type(qtype).quantize_rows(torch.from_numpy(ref[f"n{n}/{case}/input"]), _imatrix(ref, n, path)).numpy()
+        assert np.array_equal(got, ref[f"n{n}/{case}/{qtype}{path}"]), f"n{n} {case} {qtype}{path}"
+
+
 @needs_compiler
 def test_fused_kernel_matches_eager_search_bit_for_bit():
     """The self-check the encoder runs before trusting the kernel, on blocks that probe the edges."""

@@ -18,7 +18,6 @@ from .base import (
     fp16_from_bytes,
     round_half_away_inplace,
 )
-from . import fused_kernel
 from . import iq4
 from . import ref32_kernel
 from .iq4 import KVALUES_IQ4NL, iq4_block_scales, iq4_index
@@ -33,6 +32,7 @@ from .scale_search import (
     fused_search_available,
     gapped33,
     make_qkx_all,
+    fused_qx,
     make_qx,
     round_up,
     sum33,
@@ -458,16 +458,11 @@ class Q5_0(_RowSigmaBlock32):
     @classmethod
     def prepare(cls) -> None:
         super().prepare()
-        ref32_kernel.compiled_qx_search(ref32_kernel.qx_bucket_blocks(), 16)
-
-    @classmethod
-    def _search_bucket(cls) -> int | None:
-        bucket = ref32_kernel.qx_bucket_blocks()
-        return bucket if ref32_kernel.compiled_qx_search(bucket, 16) is not None else None
+        fused_qx()
 
     @classmethod
     def _encode_search(cls, x, w):
-        d, L = ref32_kernel.make_qx_blocks(_pos_major(x), _pos_major(w), 16)
+        d, L = make_qx(_pos_major(x), _pos_major(w), 16, gapped=True)
         L = ungap33(L).t().to(torch.uint8)
         return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
 

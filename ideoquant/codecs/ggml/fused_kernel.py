@@ -617,6 +617,72 @@ extern "C" void qkx16_fit(const float* x, int64_t ldx, const float* w, int64_t l
     }
 }
 
+/* make_qx_quants (rmse_type 1, weights given) on the LANES blocks from b0 on (m exist), as
+   `scale_search.make_qx` computes it. x, w: [rows, B] rows ldx, ldw apart, rows 16 (16
+   positions) or 33 (32 positions, row 16 scratch: in the levels only, as in the array code).
+   cs: the candidate numerators -(nmax + 0.1f*is), is = 0, then -9..-1, 1..9. out [1 + rows, B]:
+   the scale, then the levels + nmax as float. */
+static void qx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, int rows, int64_t B,
+                     float* out, int64_t b0, int m, const float* cs, int ncand, float nmax_f, float eps) {
+    const int n = rows == 33 ? 32 : rows;
+    vf xs[32], ws[32], wx[32];
+    const vf zero = {0}, one = zero + 1.0f, magic = zero + 12582912.0f;
+    const vf lo = zero - nmax_f, hi = zero + (nmax_f - 1.0f);
+    vf amax = zero, mx = zero;
+    for (int r = 0; r < n; ++r) {
+        const int row = rows == 33 && r >= 16 ? r + 1 : r;
+        xs[r] = load_n(x + row * ldx, b0, m);
+        ws[r] = load_n(w + row * ldw, b0, m);
+        wx[r] = ws[r] * xs[r];
+        const vf ax = vabs(xs[r]);
+        const vi gt = ax > amax; /* the first element of largest |x| */
+        amax = gt ? ax : amax;
+        mx = gt ? xs[r] : mx;
+    }
+    const vi zero_blk = amax < eps;
+    const vf safe = zero_blk ? one : mx;
+    vf scale = zero, best = zero, bisc = zero;
+    for (int c = 0; c < ncand; ++c) {
+        const vf isc = (zero + cs[c]) / safe;
+        vf slx = zero, sl2 = zero;
+        for (int r = 0; r < n; ++r) {
+            vf l = ((xs[r] * isc + magic) - magic);
+            l = l < lo ? lo : l;
+            l = l > hi ? hi : l;
+            slx = slx + wx[r] * l;
+            sl2 = sl2 + (ws[r] * l) * l;
+        }
+        const vf ns = slx / sl2, nb = ns * slx;
+        if (c == 0) {
+            scale = sl2 == zero ? zero : ns;
+            best = scale * slx;
+            bisc = isc;
+        } else {
+            const vi acc = (sl2 > zero) & ((slx * slx) > (best * sl2));
+            scale = acc ? ns : scale;
+            best = acc ? nb : best;
+            bisc = acc ? isc : bisc;
+        }
+    }
+    store_n(out, b0, m, zero_blk ? zero : scale);
+    for (int r = 0; r < rows; ++r) {
+        vf l = ((load_n(x + r * ldx, b0, m) * bisc + magic) - magic);
+        l = l < lo ? lo : l;
+        l = l > hi ? hi : l;
+        store_n(out + (1 + r) * B, b0, m, zero_blk ? zero : l + nmax_f);
+    }
+}
+
+extern "C" void qx_search(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t rows, int64_t B,
+                          float* out, const float* cs, int64_t ncand, float nmax, float eps, int64_t threads) {
+    const int64_t groups = (B + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * LANES;
+        qx_group(x, ldx, w, ldw, (int)rows, B, out, b0, (int)(B - b0 < LANES ? B - b0 : LANES), cs, (int)ncand, nmax, eps);
+    }
+}
+
 /* The final levels of Q4_K/Q5_K, clamp(nearest_int((x + dm)/d), 0, nmax), for the blocks of
    x [33, B] gapped (block b = j*nsb + s: sub-block j of super-block s), written block-major
    as uint8 L[s][j][32]. */
@@ -726,6 +792,8 @@ def search_library():
         lib.k32_levels.restype = None
         lib.qkx16_fit.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_float, i64, i64, i64]
         lib.qkx16_fit.restype = None
+        lib.qx_search.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, i64]
+        lib.qx_search.restype = None
         return lib
     except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
         log.warning("compiled scale searches unavailable (%s); using the eager encoder", exc)
@@ -821,6 +889,25 @@ def qkx16_fit_cpp(kernel: Callable[..., None], X: torch.Tensor, W: torch.Tensor 
     kernel(X.data_ptr(), X.stride(0), 0 if W is None else W.data_ptr(), 0 if W is None else W.stride(0), B,
            out.data_ptr(), cs.data_ptr(), len(numerators), float(nmax), int(qkx3), int(use_mad),
            max(1, torch.get_num_threads()))
+    return out
+
+
+def compiled_qx() -> Callable[..., None] | None:
+    """The C++ make_qx_quants (`qx_search_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.qx_search
+
+
+def qx_search_cpp(kernel: Callable[..., None], X: torch.Tensor, W: torch.Tensor, numerators: torch.Tensor,
+                  nmax: int, eps: float) -> torch.Tensor:
+    """make_qx_quants for every block of X, W [16 | 33, B] (33: gapped): float32 [1 + rows, B] =
+    scale, then the levels + nmax."""
+    X, W = _unit_stride(X), _unit_stride(W)
+    rows, B = X.shape
+    out = torch.empty((1 + rows, B), dtype=torch.float32)
+    cs = numerators.to(torch.float32).contiguous()
+    kernel(X.data_ptr(), X.stride(0), W.data_ptr(), W.stride(0), rows, B, out.data_ptr(), cs.data_ptr(),
+           cs.numel(), float(nmax), float(eps), max(1, torch.get_num_threads()))
     return out
 
 

@@ -1,5 +1,6 @@
 """Compiled CPU kernels for ggml's 32-weight block types: the `_ref` encoders of Q4_0, Q4_1,
-Q5_0 and Q5_1, and the candidate sums of make_qx_quants (Q5_0 with an importance matrix).
+Q5_0 and Q5_1 (with an importance matrix, Q4_0 and Q5_0 run make_qx_quants through
+`fused_kernel`'s C++).
 
 Without an importance matrix these encoders are a min/max (or signed absmax) per block and
 one rounding per weight: memory-bound work that eager torch spreads over a dozen passes
@@ -18,10 +19,6 @@ same bytes, only slower). IDEOQUANT_FUSED=0 turns the kernels off.
 
 Shapes are static: one bucket of `bucket_blocks()` per call, the last one padded with zero
 blocks, so each type compiles one kernel per thread count, once (torch caches it on disk).
-
-make_qx_quants tries 19 candidate scales per block; they are independent until the choice
-among them, so `qx_candidate_search` computes all their sums in one pass over the positions
-(sequential in ggml's order), as IQ4's candidate sums do (`iq4`), then makes the choice.
 """
 
 from __future__ import annotations
@@ -29,12 +26,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from . import fused_kernel
-from .iq4 import block_absmax
-from .scale_search import _QX_STEPS, GROUP_MAX_EPS, _adversarial_blocks, gapped33, make_qx
+from .scale_search import _adversarial_blocks
 
 _F32 = torch.float32
 
@@ -205,101 +200,3 @@ def encode_blocks(
             x = torch.cat([x, x.new_zeros(bucket - (b - a), 32)])
         out[a:b] = step(x.contiguous())[: b - a]
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# make_qx_quants (rmse_type 1, with weights) on 32-weight blocks
-# --------------------------------------------------------------------------------------------
-
-# Rows of the gapped 33-row layout that hold data (row 16 is scratch).
-_DATA_ROWS = tuple(range(16)) + tuple(range(17, 33))
-# Blocks per compiled call of the candidate sums and torch thread.
-QX_BLOCKS_PER_THREAD = 4096
-
-
-def qx_candidate_search(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """make_qx_quants' candidates for every block: [2, B] = (scale, iscale of the chosen levels).
-
-    For each candidate, sumlx = sum of w*x*l and suml2 = sum of w*l*l in ggml's order, with
-    l = clamp(nearest_int(iscale*x), lo, hi); x, w [33, B] gapped position-major; iscales
-    [C, B]. The sums of all candidates take one pass over the positions; then the running
-    choice `suml2 > 0 && sumlx*sumlx > best*suml2` over the candidates in order."""
-    sumlx = suml2 = None
-    for r in _DATA_ROWS:
-        xr = x[r]
-        l = torch.clamp(torch.round(xr * iscales), lo, hi)  # round half to even: nearest_int
-        wl = w[r] * l
-        a, b = (w[r] * xr) * l, wl * l
-        if sumlx is None:  # ggml starts each sum from 0.0f
-            sumlx, suml2 = a + 0.0, b + 0.0
-        else:
-            sumlx, suml2 = sumlx + a, suml2 + b
-    # scale = suml2 ? sumlx/suml2 : 0; best = scale*sumlx
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
-    best = scale * sumlx[0]
-    best_isc = iscales[0]
-    for c in range(1, iscales.shape[0]):
-        take = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
-        new_scale = sumlx[c] / suml2[c]
-        scale = torch.where(take, new_scale, scale)
-        best = torch.where(take, new_scale * sumlx[c], best)
-        best_isc = torch.where(take, iscales[c], best_isc)
-    return torch.stack((scale, best_isc))
-
-
-def qx_bucket_blocks(threads: int | None = None) -> int:
-    """Blocks per call of the compiled `qx_candidate_search` for this many torch threads."""
-    threads = torch.get_num_threads() if threads is None else threads
-    return QX_BLOCKS_PER_THREAD * max(1, threads)
-
-
-def _qx_iscales(X: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(iscales [19, B] = -(nmax + 0.1f*is)/max in make_qx_quants' order, all-zero block mask)."""
-    amax, xmax = block_absmax(X)
-    zero_blk = amax < GROUP_MAX_EPS
-    safe_max = torch.where(zero_blk, torch.ones_like(xmax), xmax)
-    n32 = np.float32(nmax)
-    cs = torch.tensor([-(n32 + np.float32(0.1) * np.float32(s)) for s in _QX_STEPS], dtype=_F32)
-    return torch.div(cs.unsqueeze(1), safe_max.unsqueeze(0)), zero_blk
-
-
-def _qx_run(step, X, W, iscales, nmax: int) -> torch.Tensor:
-    with torch.inference_mode():
-        return step(X.contiguous(), W.contiguous(), iscales.contiguous(), -float(nmax), float(nmax - 1))
-
-
-@functools.cache
-def compiled_qx_search(blocks: int, nmax: int) -> Callable[..., torch.Tensor] | None:
-    """`qx_candidate_search` compiled for buckets of `blocks`, once it has matched the eager
-    function bit for bit on probe blocks; else None."""
-    if not fused_kernel.fused_requested():
-        return None
-    try:
-        step = torch.compile(qx_candidate_search, dynamic=False, fullgraph=True)
-        x, qw = _adversarial_blocks(blocks, seed=7)
-        X = gapped33(x.T.contiguous())
-        for W in (X * X, gapped33(qw.T.contiguous())):
-            iscales, _ = _qx_iscales(X, nmax)
-            got, want = _qx_run(step, X, W, iscales, nmax), _qx_run(qx_candidate_search, X, W, iscales, nmax)
-            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
-                reason = "its results differ from the eager code on this machine"
-                break
-        else:
-            return step
-    except Exception as exc:  # noqa: BLE001 - compile errors surface on the first call
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    fused_kernel.log.warning("compiled make_qx kernel not used (%s); using the eager encoder", reason)
-    return None
-
-
-def make_qx_blocks(X: torch.Tensor, W: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scale_search.make_qx(X, W, nmax, gapped=True)`, with the candidate sums compiled where
-    X [33, B] is one bucket of `qx_bucket_blocks()` and the kernel is available."""
-    step = compiled_qx_search(X.shape[1], nmax) if X.shape[1] == qx_bucket_blocks() else None
-    if step is None:
-        return make_qx(X, W, nmax, gapped=True)
-    iscales, zero_blk = _qx_iscales(X, nmax)
-    scale, best_isc = _qx_run(step, X, W, iscales, nmax)
-    L = torch.mul(X, best_isc).round_().clamp_(-float(nmax), float(nmax - 1)).add_(float(nmax))
-    L.masked_fill_(zero_blk.unsqueeze(0), 0.0)
-    return scale.masked_fill(zero_blk, 0.0), L

@@ -517,14 +517,46 @@ def make_qkx_all(X, W, xmin, xmax, sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3
 _QX_STEPS = [0] + [s for s in range(-9, 10) if s != 0]
 
 
-def make_qx(X: torch.Tensor, W: torch.Tensor, nmax: int, gapped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _qx_numerators(nmax: int) -> torch.Tensor:
+    """make_qx_quants' candidate numerators -(nmax + 0.1f*is) for is in _QX_STEPS, float32."""
+    nmax32 = np.float32(nmax)
+    return torch.tensor([-(nmax32 + np.float32(0.1) * np.float32(s)) for s in _QX_STEPS], dtype=_F32)
+
+
+@functools.cache
+def fused_qx() -> Callable[..., None] | None:
+    """The C++ make_qx_quants, once it has matched the array code bit for bit on probe blocks of
+    16 and 32 (gapped) positions here, for Q6_K's, Q3_K's and Q4_0's nmax; else None."""
+    kernel = fused_kernel.compiled_qx()
+    if kernel is None:
+        return None
+    x, w = _adversarial_blocks(4101, seed=17)
+    X32, W32 = gapped33(x.T.contiguous()), gapped33(w.T.contiguous())
+    X16, W16 = x[:, :16].T.contiguous(), w[:, :16].T.contiguous()
+    probes = [(X32, W32, 8, True), (X32, X32 * X32, 16, True), (X16, W16, 32, False), (X16, W16, 4, False)]
+
+    def run(fused):
+        return torch.cat([torch.cat([s.unsqueeze(0), L]).reshape(-1) for X, W, nmax, gapped in probes
+                          for s, L in [make_qx(X, W, nmax, gapped, fused=fused)]])
+
+    return matching_kernel("make_qx_quants", lambda: run(kernel), kernel, lambda: run(False), [[]])
+
+
+def make_qx(X: torch.Tensor, W: torch.Tensor, nmax: int, gapped: bool,
+            fused: bool | Callable[..., None] = True) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw=W) on position-major blocks.
 
     X, W: [16, B] (gapped=False) or [33, B] gapped 32-element blocks. Returns (scale [B],
     L [rows, B] float holding the stored levels l + nmax, 0 for all-zero blocks).
 
     The 19 candidate scales do not depend on each other, only the choice among them is
-    sequential (a running `best`), so each candidate is evaluated for all blocks at once."""
+    sequential (a running `best`), so each candidate is evaluated for all blocks at once.
+    Runs through the C++ kernel (`fused_kernel.qx_search_cpp`) where it is available and has
+    matched this code here (`fused_qx`); `fused`: True, False (never), or the kernel."""
+    kernel = fused if callable(fused) else (fused_qx() if fused else None)
+    if kernel is not None:
+        out = fused_kernel.qx_search_cpp(kernel, X, W, _qx_numerators(nmax), nmax, GROUP_MAX_EPS)
+        return out[0], out[1:]
     rows, B = X.shape
     lo, hi = -float(nmax), float(nmax - 1)
     # max: the element of largest magnitude, first one on ties (ggml: `if (ax > amax)`);
