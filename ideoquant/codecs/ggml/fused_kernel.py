@@ -6,13 +6,16 @@
 * `qp_search_cpp`: make_qp_quants whole (the scales of Q4_K/Q5_K and Q2_K with an
   importance matrix), and `imatrix_weights_cpp`, the importance weights of Q4_K/Q5_K, in
   the same C++ source;
-* `q3_quants`: make_q3_quants whole (Q3_K without one), through torch.compile.
+* `qx_search_cpp`: make_qx_quants (Q6_K; Q3_K, Q4_0 and Q5_0 with an importance matrix);
+  `q3_search_cpp`: make_q3_quants (Q3_K without one); `qkx16_fit_cpp`: make_qkx on Q2_K's
+  16-weight sub-blocks; `k32_fit_cpp`, `k32_levels_cpp`: the whole search and final levels
+  of Q4_K/Q5_K.
 
 Exactness. Each kernel is float32 arithmetic in ggml's order: products and sums are spelled
 out one position after the other, never as reductions, and the C++ is built with IEEE
 semantics (no -ffast-math; -ffp-contract=off, so no fused multiply-adds). The encoders still
 check each kernel against their eager code once per process before trusting it
-(`scale_search.fused_qkx_search`, `scale_search.checked_kernel`) and fall back to the eager
+(`scale_search.fused_qkx_search`, `scale_search.matching_kernel`) and fall back to the eager
 code on any mismatch or build failure (no C++ compiler, say). Set IDEOQUANT_FUSED=0 to use
 the eager code only.
 """
@@ -56,112 +59,17 @@ def padded_rows(rows: int, inner: tuple[int, ...]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Whole-search kernel on short blocks through torch.compile: make_q3_quants (Q3_K without an
-# importance matrix; make_qp_quants is in the C++ source below and follows the same rules). The
-# block's elements are rows, blocks are columns; every sum and every refinement step is spelled
-# out in ggml's order, and ggml's `nearest_int` is its own bit trick, so the kernel is exact
-# for every float32 input. A block's coordinate refinement stops after a pass that changes
-# nothing; running all five passes is the same, as such a pass leaves the state as it was.
-# --------------------------------------------------------------------------------------------
-
-# Columns (blocks) per call: static, so each kernel compiles once; the last call is zero-padded.
-SHORT_BLOCK_COLS = 8192
-_MAGIC = 12582912.0
-
-
-def nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """ggml's nearest_int (the 12582912 bit trick) for any float32 v: int32."""
-    bits = (v + _MAGIC).view(torch.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
-
-
-def q3_quants(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """make_q3_quants(n, nmax, do_rmse = true) for every column of x [n, C]: float32 [1 + n, C]
-    = scale, then L + nmax (0 for all-zero blocks). k [5]: -nmax, nmax - 1, 1, eps, 0.0."""
-    n = x.shape[0]
-    neg_nmax, top, one, eps, zero = k[0], k[1], k[2], k[3], k[4]
-    lo_i, hi_i = neg_nmax.to(torch.int32), top.to(torch.int32)
-    amax = torch.zeros_like(x[0])
-    mx = torch.zeros_like(x[0])
-    for i in range(n):
-        ax = torch.abs(x[i])
-        take = ax > amax
-        amax = torch.where(take, ax, amax)
-        mx = torch.where(take, x[i], mx)
-    is_zero = amax < eps
-    iscale = neg_nmax / torch.where(is_zero, one, mx)
-
-    def clamped(v):
-        return torch.clamp(nearest_int(v), lo_i, hi_i).to(torch.float32)
-
-    w = [x[i] * x[i] for i in range(n)]
-    wx = [w[i] * x[i] for i in range(n)]
-    levels, sumlx, suml2 = [], None, None
-    for i in range(n):
-        lf = clamped(iscale * x[i])
-        levels.append(lf)
-        a, b = wx[i] * lf, w[i] * lf * lf
-        sumlx = a + 0.0 if sumlx is None else sumlx + a
-        suml2 = b + 0.0 if suml2 is None else suml2 + b
-    for _ in range(5):
-        for i in range(n):
-            li = levels[i]
-            slx = sumlx - wx[i] * li
-            ok = slx > 0
-            sl2 = suml2 - w[i] * li * li
-            new = clamped(x[i] * sl2 / slx)
-            ok = ok & (new != li)
-            slx = slx + wx[i] * new
-            sl2 = sl2 + w[i] * new * new
-            ok = ok & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            levels[i] = torch.where(ok, new, li)
-            sumlx = torch.where(ok, slx, sumlx)
-            suml2 = torch.where(ok, sl2, suml2)
-    scale = torch.where((suml2 > 0) & ~is_zero, sumlx / suml2, zero)
-    return torch.stack([scale] + [torch.where(is_zero, zero, lv - neg_nmax) for lv in levels])
-
-
-@functools.cache
-def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor] | None:
-    """fn compiled with static shapes, or None where torch.compile is unusable or turned off."""
-    if not fused_requested():
-        return None
-    try:
-        return torch.compile(fn, dynamic=False, fullgraph=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
-        log.warning("compiled %s unavailable (%s); using the eager encoder", fn.__name__, exc)
-        return None
-
-
-def run_in_columns(step: Callable[..., torch.Tensor], inputs: list[torch.Tensor], consts: torch.Tensor) -> torch.Tensor:
-    """step(*inputs [n, SHORT_BLOCK_COLS], consts) over all columns of inputs [n, C], the last
-    call zero-padded: the concatenated [rows, C] result."""
-    cols = inputs[0].shape[1]
-    parts = []
-    with torch.inference_mode():
-        for a in range(0, cols, SHORT_BLOCK_COLS):
-            b = min(cols, a + SHORT_BLOCK_COLS)
-            chunk = []
-            for t in inputs:
-                c = torch.zeros((t.shape[0], SHORT_BLOCK_COLS), dtype=torch.float32)
-                c[:, : b - a] = t[:, a:b]
-                chunk.append(c)
-            parts.append(step(*chunk, consts)[:, : b - a])
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
-
-
-# --------------------------------------------------------------------------------------------
-# The whole candidate loop of make_qkx2/3_quants as one C++ function (`qkx_search_cpp`).
+# The C++ source: ggml's searches, 16 blocks across the lanes of a GCC vector.
 #
-# Array code (and a torch.compile kernel of one candidate per call) reads the blocks and
-# weights again from memory for each of the 16 to 37 candidates. The function below runs all
-# candidates of 48 blocks while those stay in L1 cache, 16 blocks across the lanes of a GCC
-# vector, so the search is bound by arithmetic instead of memory. It is the eager loop's
-# arithmetic (`scale_search._qkx_candidates_eager`), in the same order, built
-# by inductor's C++ builder with inductor's flags (IEEE float, -ffp-contract=off: no fused
-# multiply-adds) and cached on disk by torch like the inductor kernels. Comparisons are
-# written so that NaN propagates as in torch.maximum and torch.clamp. It is checked against the eager loop before use, as the
-# other kernels are (`scale_search.fused_qkx_search`).
+# Array code reads the blocks and weights again from memory for each candidate (16 to 37 in
+# make_qkx, 19 in make_qx_quants). The functions below run all candidates of 16 to 48 blocks
+# while those stay in registers and L1 cache, so the searches are bound by arithmetic instead
+# of memory. Each is the array code's arithmetic (`scale_search`, `kquants`, `kquants23`), in
+# the same order; ggml's `nearest_int` is its own bit trick where the array code uses it, and
+# comparisons are written so that NaN propagates as in torch.maximum and torch.clamp. A
+# block's coordinate refinement (make_qp_quants, make_q3_quants) stops in ggml after a pass
+# that changes nothing; running all five passes is the same, as such a pass leaves the state
+# as it was. Each function is checked against the array code before use.
 # --------------------------------------------------------------------------------------------
 
 SEARCH_SOURCE = r"""
@@ -683,6 +591,66 @@ extern "C" void qx_search(const float* x, int64_t ldx, const float* w, int64_t l
     }
 }
 
+/* make_q3_quants(n, nmax, do_rmse = true) on the LANES columns from b0 on (m exist) of x
+   [n, C] (n <= 16), as `kquants23.make_q3` computes it: out [1 + n, C] = scale, then
+   L + nmax (0 for all-zero blocks). */
+static void q3_group(const float* x, int64_t n, int64_t C, float* out, int64_t b0, int m, int nmax, float eps) {
+    vf xs[16], w[16], wx[16], lv[16];
+    const vf zero = {0}, one = zero + 1.0f;
+    const vi lo = (vi){0} - nmax, hi = (vi){0} + (nmax - 1);
+    vf amax = zero, mx = zero;
+    for (int64_t i = 0; i < n; ++i) {
+        xs[i] = load_n(x + i * C, b0, m);
+        const vf ax = vabs(xs[i]);
+        const vi take = ax > amax;
+        amax = take ? ax : amax;
+        mx = take ? xs[i] : mx;
+        w[i] = xs[i] * xs[i];
+        wx[i] = w[i] * xs[i];
+    }
+    const vi is_zero = amax < eps;
+    const vf iscale = (zero - (float)nmax) / (is_zero ? one : mx);
+    vf sumlx = zero, suml2 = zero;
+    for (int64_t i = 0; i < n; ++i) {
+        vi l = nearest_int(iscale * xs[i]);
+        l = l < lo ? lo : l;
+        l = l > hi ? hi : l;
+        lv[i] = to_float(l);
+        sumlx = sumlx + wx[i] * lv[i];
+        suml2 = suml2 + w[i] * lv[i] * lv[i];
+    }
+    for (int pass = 0; pass < 5; ++pass) {
+        for (int64_t i = 0; i < n; ++i) {
+            const vf li = lv[i];
+            vf slx = sumlx - wx[i] * li;
+            vi ok = slx > zero;
+            vf sl2 = suml2 - w[i] * li * li;
+            vi l = nearest_int(xs[i] * sl2 / slx);
+            l = l < lo ? lo : l;
+            l = l > hi ? hi : l;
+            const vf nl = to_float(l);
+            ok = ok & (nl != li);
+            slx = slx + wx[i] * nl;
+            sl2 = sl2 + w[i] * nl * nl;
+            ok = ok & (sl2 > zero) & (slx * slx * suml2 > sumlx * sumlx * sl2);
+            lv[i] = ok ? nl : li;
+            sumlx = ok ? slx : sumlx;
+            suml2 = ok ? sl2 : suml2;
+        }
+    }
+    store_n(out, b0, m, ((suml2 > zero) & ~is_zero) ? sumlx / suml2 : zero);
+    for (int64_t i = 0; i < n; ++i) store_n(out + (1 + i) * C, b0, m, is_zero ? zero : lv[i] + (float)nmax);
+}
+
+extern "C" void q3_search(const float* x, int64_t n, int64_t C, int64_t nmax, float eps, float* out, int64_t threads) {
+    const int64_t groups = (C + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * LANES;
+        q3_group(x, n, C, out, b0, (int)(C - b0 < LANES ? C - b0 : LANES), (int)nmax, eps);
+    }
+}
+
 /* The final levels of Q4_K/Q5_K, clamp(nearest_int((x + dm)/d), 0, nmax), for the blocks of
    x [33, B] gapped (block b = j*nsb + s: sub-block j of super-block s), written block-major
    as uint8 L[s][j][32]. */
@@ -794,6 +762,8 @@ def search_library():
         lib.qkx16_fit.restype = None
         lib.qx_search.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, i64]
         lib.qx_search.restype = None
+        lib.q3_search.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
+        lib.q3_search.restype = None
         return lib
     except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
         log.warning("compiled scale searches unavailable (%s); using the eager encoder", exc)
@@ -908,6 +878,24 @@ def qx_search_cpp(kernel: Callable[..., None], X: torch.Tensor, W: torch.Tensor,
     cs = numerators.to(torch.float32).contiguous()
     kernel(X.data_ptr(), X.stride(0), W.data_ptr(), W.stride(0), rows, B, out.data_ptr(), cs.data_ptr(),
            cs.numel(), float(nmax), float(eps), max(1, torch.get_num_threads()))
+    return out
+
+
+def compiled_q3() -> Callable[..., None] | None:
+    """The C++ make_q3_quants (`q3_search_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.q3_search
+
+
+def q3_search_cpp(kernel: Callable[..., None], x: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
+    """make_q3_quants for every column of x [n, C] (n <= 16) through the C++ kernel: float32
+    [1 + n, C] = scale, then L + nmax (0 for all-zero blocks); consts as `kquants23._q3_consts`."""
+    x = x.to(torch.float32).contiguous()
+    n, cols = x.shape
+    if n > 16:
+        raise ValueError(f"make_q3_quants kernel: blocks of {n} > 16 elements")
+    out = torch.empty((n + 1, cols), dtype=torch.float32)
+    kernel(x.data_ptr(), n, cols, int(-consts[0]), float(consts[3]), out.data_ptr(), max(1, torch.get_num_threads()))
     return out
 
 

@@ -30,8 +30,9 @@ and over positions in a block, never over blocks.
 Speed. The candidate loop of make_qkx2/3_quants (Q4_K/Q5_K, and Q4_1/Q5_1 with an importance
 matrix; 16 to 37 candidates per block) is most of the work; it runs whole through a compiled
 C++ function (`fused_kernel.qkx_search_cpp`), which is checked against the eager loop here
-once per process and replaced by it when it is not available or not exact. make_qp_quants (and Q3_K's make_q3_quants) run whole through compiled
-kernels too, checked the same way (`checked_kernel`).
+once per process and replaced by it when it is not available or not exact. make_qp_quants,
+make_qx_quants and Q3_K's make_q3_quants run whole through C++ functions too, checked the
+same way (`matching_kernel`).
 """
 
 from __future__ import annotations
@@ -652,15 +653,6 @@ def short_block_probe(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, to
     return x, w[:, :rows].T.contiguous()
 
 
-def checked_kernel(fn: Callable[..., torch.Tensor], eager: Callable[..., torch.Tensor], probes: list) -> Callable | None:
-    """fn compiled, once it has matched `eager` bit for bit on every probe here; else None
-    (with a one-line warning). A probe is the list of inputs of both, constants last."""
-    step = fused_kernel.compiled(fn)
-    if step is None:
-        return None
-    return matching_kernel(fn.__name__, lambda *p: fused_kernel.run_in_columns(step, list(p[:-1]), p[-1]), step, eager, probes)
-
-
 def matching_kernel(name: str, run: Callable[..., torch.Tensor], kernel, eager: Callable[..., torch.Tensor], probes: list):
     """kernel, once run(*probe) has matched eager(*probe) bit for bit on every probe; else
     None (with a one-line warning naming it)."""
@@ -687,9 +679,12 @@ def fused_qp_step(rows: int) -> Callable[..., torch.Tensor] | None:
         scale, L = make_qp(x, w, int(consts[0]), fused=False)
         return torch.cat([scale.unsqueeze(0), L.to(_F32)])
 
-    # A column count that leaves a partial vector of blocks.
+    # A column count that leaves a partial vector of blocks; uniform blocks reach the last
+    # refinement passes (make_q3_quants, the same refinement, needs its fifth on 1 in 1500).
     x, w = short_block_probe(rows, 4101, seed=7)
-    return matching_kernel("qp_quants", step, step, eager, [[x, w, _qp_consts(15)], [x, w, _qp_consts(63)]])
+    u = torch.rand((rows, 24000), generator=torch.Generator().manual_seed(7))
+    return matching_kernel("qp_quants", step, step, eager,
+                           [[x, w, _qp_consts(15)], [x, w, _qp_consts(63)], [u, u + 0.5, _qp_consts(15)]])
 
 
 def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
