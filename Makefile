@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-q8 bench-q4k bench-nf4 bench-kquants bench-runtime bench-int8 bench-int8-cost bench-calibrated bench-q3k-mix clean
+.PHONY: demo test bench bench-q8 bench-q4k bench-nf4 bench-kquants bench-runtime bench-int8 bench-int8-cost bench-calibrated bench-q3k-mix bench-speed clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ bench-q4k: $(STAMP)
 
 bench-nf4: $(STAMP)
 	$(PY) bench/bench_convert.py --format nf4
+
+bench-speed: $(STAMP)
+	$(PY) bench/speed_table.py --work bench_out --ggml ../shared/tools/libggml-base.so
 
 bench-kquants: $(STAMP)
 	$(PY) bench/bench_kquants.py --repeat 2 --ggml ../shared/tools/libggml-base.so
