@@ -248,6 +248,28 @@ def test_a_compiled_ref_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
 
 
 @needs_compiler
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_compiled_row_importance_weights_give_ggml_bytes(qtype, monkeypatch):
+    """The importance weights of the _impl encoders (sigma2 over the whole row) through the
+    C++ kernel, counted: every importance-matrix vector of the type, byte for byte."""
+    assert b32.fused_row_weights() is not None
+    calls = []
+    real = fused_kernel.row_weights_cpp
+    monkeypatch.setattr(fused_kernel, "row_weights_cpp", lambda *a: calls.append(1) or real(*a))
+    b32.fused_row_weights.cache_clear()
+    try:
+        with np.load(DATA) as z:
+            for key in [k for k in z.files if k.endswith(f"/{qtype}+imatrix_random") or k.endswith(f"/{qtype}+imatrix_ones")]:
+                n, case = key.split("/")[:2]
+                imatrix = torch.ones(int(n[1:])) if key.endswith("ones") else torch.from_numpy(z[f"{n}/imatrix_random"])
+                got = ggml_type(qtype).quantize_rows(torch.from_numpy(z[f"{n}/{case}/input"]), imatrix).numpy()
+                assert np.array_equal(got, z[key]), key
+    finally:
+        b32.fused_row_weights.cache_clear()
+    assert calls, "the compiled kernel was not used"
+
+
+@needs_compiler
 @pytest.mark.parametrize("path", ["+imatrix_ones", "+imatrix_random"])
 def test_compiled_q5_0_search_matches_ggml(path, monkeypatch):
     """Q5_0 with an importance matrix: ggml's bytes with make_qx_quants through the C++ kernel."""

@@ -6,6 +6,8 @@ Encoders byte-identical to ggml (`quantize_row_<type>_ref` without an importance
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -18,7 +20,7 @@ from .base import (
     fp16_from_bytes,
     round_half_away_inplace,
 )
-from . import iq4
+from . import fused_kernel, iq4
 from . import ref32_kernel
 from .iq4 import KVALUES_IQ4NL, iq4_block_scales, iq4_index
 from .scale_search import (
@@ -34,6 +36,7 @@ from .scale_search import (
     make_qkx_all,
     fused_qx,
     make_qx,
+    matching_kernel,
     round_up,
     sum33,
     sum_rows,
@@ -98,13 +101,9 @@ def _encode_q4_0_ref(blocks: torch.Tensor) -> torch.Tensor:
     return _pack_q4_0(d, L)
 
 
-def _encode_q4_0_impl(X34: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """X34: [34, B] gapped blocks; qw: [34, B] importance; sigma2: [B] -> uint8 [B, 18]."""
-    X = X34[1:]
-    Xs = X * X
-    Xs.add_(sigma2)
-    W = qw[1:] * exact_sqrt(Xs)
-    d, L = make_qx(X, W, 8, gapped=True)
+def _encode_q4_0_search(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q4_0_impl's blocks: x, w [B, 32] (w the importance weights) -> uint8 [B, 18]."""
+    d, L = make_qx(_pos_major(x), _pos_major(w), 8, gapped=True)
     return _pack_q4_0(d, ungap33(L).permute(1, 0))
 
 
@@ -146,37 +145,12 @@ class Q4_0(GGMLType):
     def _impl_rows(cls, rows: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
         """quantize_row_q4_0_impl on each row of rows [m, k] with importance qw [m, k]."""
         m, k = rows.shape
-        nb = k // 32
-        out = torch.empty((m, nb * 18), dtype=torch.uint8)
-        big = col_align()
-        rows_step = max(big, round_up(max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k), big))
-        for a, b in chunk_ranges(m, rows_step):
-            mr = b - a
-            mp = round_up(mr, VEC_COLS if mr < big else big)
+        out = torch.empty((m, cls.row_bytes(k)), dtype=torch.uint8)
+        for a, b in chunk_ranges(m, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k)):
             x = rows[a:b]
-            w = qw[a:b]
-            if mp != mr:
-                x = torch.cat([x, x.new_zeros(mp - mr, k)])
-                w = torch.cat([w, w.new_zeros(mp - mr, k)])
-            # [34, nb, mp]: position, block in row, row.
-            X34 = gapped33(x.reshape(mp, nb, 32).permute(2, 1, 0), 34)
-            # sigma2 = sum_x2 / n_per_row, sum_x2 accumulated over the whole row in order.
-            sq = X34 * X34
-            s = torch.zeros(mp, dtype=_F32)
-            for j in range(nb):
-                sq[0, j] = s
-                sum_rows(sq[0:17, j], sq[17, j])
-                s = sum_rows(sq[17:34, j])
-            sigma2 = s / float(k)
-            W34 = gapped33(w.reshape(mp, nb, 32).permute(2, 1, 0), 34)
-            res = torch.empty((nb, mp, 18), dtype=torch.uint8)
-            bstep = max(1, INNER_CHUNK_WEIGHTS // 32 // mp)
-            for j0, j1 in chunk_ranges(nb, bstep):
-                Xc = X34[:, j0:j1].reshape(34, -1)
-                Wc = W34[:, j0:j1].reshape(34, -1)
-                s2 = sigma2.repeat(j1 - j0)
-                res[j0:j1] = _encode_q4_0_impl(Xc, Wc, s2).view(j1 - j0, mp, 18)
-            out[a:b] = res.permute(1, 0, 2).reshape(mp, nb * 18)[:mr]
+            w = row_importance_weights(x, qw[a:b])
+            enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), _encode_q4_0_search, cls.type_size)
+            out[a:b] = enc.view(b - a, -1)
         return out
 
     @classmethod
@@ -208,6 +182,35 @@ def row_sum_squares(rows: torch.Tensor) -> torch.Tensor:
         buf[j] = s
         s = sum_rows(buf[j : j + 17])
     return s[:m]
+
+
+def _row_importance_weights_eager(rows: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    sigma2 = row_sum_squares(rows) / float(rows.shape[1])
+    return qw * exact_sqrt((rows * rows).add_(sigma2.unsqueeze(1)))
+
+
+@functools.cache
+def fused_row_weights() -> Callable[..., torch.Tensor] | None:
+    """The C++ `row_importance_weights`, once it has matched the array code bit for bit on
+    probe rows here (one importance vector for all rows, and one per row); else None."""
+    kernel = fused_kernel.compiled_row_weights()
+    if kernel is None:
+        return None
+    run = functools.partial(fused_kernel.row_weights_cpp, kernel)
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(37, 4608, generator=gen) * torch.exp(torch.randn(37, 1, generator=gen) * 3)
+    x[3] = 0.0
+    x[5, ::7] = 1e18
+    qw = torch.rand(1, 4608, generator=gen) + 0.1
+    probes = [[x, qw.expand(37, 4608)], [x[:, :256], torch.rand(37, 256, generator=gen)]]
+    return matching_kernel("row importance weights", run, run, _row_importance_weights_eager, probes)
+
+
+def row_importance_weights(rows: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """ggml's `qw[j]*sqrtf(sigma2 + x[j]*x[j])`, sigma2 = sum_x2/n_per_row, for each row of
+    rows [m, k] with importance qw [m, k] (C++ where available and exact here)."""
+    run = fused_row_weights()
+    return run(rows, qw) if run is not None else _row_importance_weights_eager(rows, qw)
 
 
 def _pos_major(blocks: torch.Tensor) -> torch.Tensor:
@@ -409,9 +412,7 @@ class _RowSigmaBlock32(GGMLType):
         out = torch.empty((m, cls.row_bytes(k)), dtype=torch.uint8)
         for a, b in chunk_ranges(m, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k)):
             x = rows[a:b]
-            sigma2 = row_sum_squares(x) / float(k)
-            w = (x * x).add_(sigma2.unsqueeze(1))
-            w = qw[a:b] * exact_sqrt(w)
+            w = row_importance_weights(x, qw[a:b])
             bucket = cls._search_bucket()
             if bucket is not None and x.numel() // 32 < bucket // 4:
                 bucket = None  # not worth a padded bucket

@@ -651,6 +651,23 @@ extern "C" void q3_search(const float* x, int64_t n, int64_t C, int64_t nmax, fl
     }
 }
 
+/* The importance weights of the 32-weight types' _impl encoders (Q4_0, Q4_1, Q5_0, Q5_1):
+   for each row of x [m, k], sigma2 = sum(x^2)/k summed in order over the whole row,
+   and w = qw*sqrtf(sigma2 + x^2); qw rows ldq apart (0: one vector for every row). */
+extern "C" void row_weights(const float* x, int64_t m, int64_t k, const float* qw, int64_t ldq, float* w,
+                            int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+        const float* xr = x + i * k;
+        const float* q = qw + i * ldq;
+        float* wr = w + i * k;
+        float s = 0.0f;
+        for (int64_t j = 0; j < k; ++j) s = s + xr[j] * xr[j]; /* in order: no reassociation */
+        const float sigma2 = s / (float)k;
+        for (int64_t j = 0; j < k; ++j) wr[j] = q[j] * __builtin_sqrtf(xr[j] * xr[j] + sigma2);
+    }
+}
+
 /* The final levels of Q4_K/Q5_K, clamp(nearest_int((x + dm)/d), 0, nmax), for the blocks of
    x [33, B] gapped (block b = j*nsb + s: sub-block j of super-block s), written block-major
    as uint8 L[s][j][32]. */
@@ -764,6 +781,8 @@ def search_library():
         lib.qx_search.restype = None
         lib.q3_search.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
         lib.q3_search.restype = None
+        lib.row_weights.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64]
+        lib.row_weights.restype = None
         return lib
     except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
         log.warning("compiled scale searches unavailable (%s); using the eager encoder", exc)
@@ -897,6 +916,27 @@ def q3_search_cpp(kernel: Callable[..., None], x: torch.Tensor, consts: torch.Te
     out = torch.empty((n + 1, cols), dtype=torch.float32)
     kernel(x.data_ptr(), n, cols, int(-consts[0]), float(consts[3]), out.data_ptr(), max(1, torch.get_num_threads()))
     return out
+
+
+def compiled_row_weights() -> Callable[..., None] | None:
+    """The C++ importance weights of the 32-weight types (`row_weights_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.row_weights
+
+
+def row_weights_cpp(kernel: Callable[..., None], x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """qw*sqrt(sigma2 + x^2) for x [m, k], sigma2 each row's mean square; qw [m, k] or a [1, k]
+    row expanded over m (stride 0)."""
+    x = x.to(torch.float32).contiguous()
+    m, k = x.shape
+    if qw.dim() == 2 and qw.shape[0] == m and qw.stride(0) == 0 and qw.stride(1) == 1:
+        ldq = 0
+    else:
+        qw = qw.to(torch.float32).expand(m, k).contiguous()
+        ldq = k
+    w = torch.empty((m, k), dtype=torch.float32)
+    kernel(x.data_ptr(), m, k, qw.data_ptr(), ldq, w.data_ptr(), max(1, torch.get_num_threads()))
+    return w
 
 
 def qp_search_cpp(kernel: Callable[..., None], x: torch.Tensor, w: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
