@@ -431,6 +431,22 @@ def test_compiled_imatrix_weights_match_the_array_code_bit_for_bit(superblocks):
         assert a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+@needs_compiler
+@pytest.mark.parametrize("sub,rows", [(32, 34), (32, 33), (16, 16)])
+def test_compiled_super_block_layout_is_the_array_code_s(sub, rows):
+    """The C++ position-major copy against the array code, on a count that ends mid-tile,
+    with the padding rows zero."""
+    assert kq.fused_pos_major() is not None
+    x = torch.randn(16 * 3 + 5, kq.QK_K, generator=torch.Generator().manual_seed(29))
+    got, want = kq.fused_pos_major()(x, sub, rows), kq._superblocks_pos_major_eager(x, sub, rows)
+    assert got.shape == want.shape and torch.equal(got, want)
+    if sub == 32:
+        assert not got[rows - 33 + 16].any()
+    # By hand: weight 37 of super-block 5 is position 5 of sub-block 1.
+    row = 5 + (rows - 33) if sub == 32 else 37 % 16
+    assert got[row, 37 // sub, 5] == x[5, 37]
+
+
 # make_qx_quants: Q6_K (both paths), Q4_0 and Q5_0 with an importance matrix.
 QX_CASES = [k for k in REFERENCE_KEYS if k[2] == "Q6_K" or (k[2] in ("Q4_0", "Q5_0") and k[3])]
 

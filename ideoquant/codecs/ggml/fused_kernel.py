@@ -668,6 +668,30 @@ extern "C" void row_weights(const float* x, int64_t m, int64_t k, const float* q
     }
 }
 
+/* Super-blocks x [nsb, 256] in position-major layout: out [rows, 256/sub, nsb], rows ldo
+   apart. sub 16: rows 16, position r in row r. sub 32: rows 33 or 34, positions 0..15 in rows
+   off..off+15 and 16..31 in rows off+17..off+32 (off = rows - 33), the other rows zero. */
+extern "C" void pos_major(const float* x, int64_t nsb, int64_t sub, int64_t rows, float* out, int64_t ldo,
+                          int64_t threads) {
+    const int64_t nsub = 256 / sub, B = nsub * nsb, off = rows - 33;
+    if (sub == 32) {
+        for (int64_t c = 0; c < B; ++c) out[(off + 16) * ldo + c] = 0.0f;
+        for (int64_t r = 0; r < off; ++r)
+            for (int64_t c = 0; c < B; ++c) out[r * ldo + c] = 0.0f;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t s0 = 0; s0 < nsb; s0 += 16) {
+        const int64_t s1 = s0 + 16 < nsb ? s0 + 16 : nsb;
+        for (int64_t j = 0; j < nsub; ++j)
+            for (int64_t r = 0; r < sub; ++r) {
+                const int64_t row = sub == 16 ? r : (r < 16 ? off + r : off + r + 1);
+                float* dst = out + row * ldo + j * nsb;
+                const float* src = x + j * sub + r;
+                for (int64_t s = s0; s < s1; ++s) dst[s] = src[s * 256];
+            }
+    }
+}
+
 /* The final levels of Q4_K/Q5_K, clamp(nearest_int((x + dm)/d), 0, nmax), for the blocks of
    x [33, B] gapped (block b = j*nsb + s: sub-block j of super-block s), written block-major
    as uint8 L[s][j][32]. */
@@ -783,6 +807,8 @@ def search_library():
         lib.q3_search.restype = None
         lib.row_weights.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64]
         lib.row_weights.restype = None
+        lib.pos_major.argtypes = [ptr, i64, i64, i64, ptr, i64, i64]
+        lib.pos_major.restype = None
         return lib
     except Exception as exc:  # noqa: BLE001 - any failure means: use the eager code
         log.warning("compiled scale searches unavailable (%s); using the eager encoder", exc)
@@ -937,6 +963,17 @@ def row_weights_cpp(kernel: Callable[..., None], x: torch.Tensor, qw: torch.Tens
     w = torch.empty((m, k), dtype=torch.float32)
     kernel(x.data_ptr(), m, k, qw.data_ptr(), ldq, w.data_ptr(), max(1, torch.get_num_threads()))
     return w
+
+
+def pos_major_cpp(kernel: Callable[..., None], x: torch.Tensor, sub: int, rows: int) -> torch.Tensor:
+    """`kquants._superblocks_pos_major` through the C++ copy: x [nsb, 256] -> [rows, 256//sub, nsb]
+    (in `padded_rows` for the gapped layouts)."""
+    x = x.to(torch.float32).contiguous()
+    nsb = x.shape[0]
+    inner = (256 // sub, nsb)
+    out = padded_rows(rows, inner) if sub == 32 else torch.empty((rows, *inner), dtype=torch.float32)
+    kernel(x.data_ptr(), nsb, sub, rows, out.data_ptr(), out.stride(0), max(1, torch.get_num_threads()))
+    return out
 
 
 def qp_search_cpp(kernel: Callable[..., None], x: torch.Tensor, w: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,26 @@ def _unpack_scales_k4(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, m
 
 
+@functools.cache
+def fused_pos_major() -> Callable | None:
+    """The C++ copy of `_superblocks_pos_major`, once it gives the array code's tensors here."""
+    lib = fused_kernel.search_library()
+    if lib is None:
+        return None
+    run = functools.partial(fused_kernel.pos_major_cpp, lib.pos_major)
+    x = torch.randn(37, QK_K, generator=torch.Generator().manual_seed(23))
+    probes = [[x, sub, rows] for sub, rows in ((32, 34), (32, 33), (16, 16))]
+    return matching_kernel("super-block layout", run, run, _superblocks_pos_major_eager, probes)
+
+
 def _superblocks_pos_major(x: torch.Tensor, sub: int, rows: int) -> torch.Tensor:
     """x [nsb, 256] -> [rows, 256//sub, nsb] position-major; for sub == 32 gapped (rows 33/34)."""
+    run = fused_pos_major()
+    return run(x, sub, rows) if run is not None else _superblocks_pos_major_eager(x, sub, rows)
+
+
+def _superblocks_pos_major_eager(x: torch.Tensor, sub: int, rows: int) -> torch.Tensor:
+    """`_superblocks_pos_major` in array code."""
     nsb = x.shape[0]
     # A plain 2-D transpose first, then whole rows move: several times faster than copying
     # the 3-D permuted view, whose innermost dimension jumps 256 floats at a time.
