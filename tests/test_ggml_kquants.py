@@ -447,6 +447,33 @@ def test_compiled_super_block_layout_is_the_array_code_s(sub, rows):
     assert got[row, 37 // sub, 5] == x[5, 37]
 
 
+def test_importance_layout_is_reused_only_for_the_same_unchanged_chunk():
+    gen = torch.Generator().manual_seed(31)
+    qw = torch.rand(40, kq.QK_K, generator=gen)
+    first = kq.importance_layout(qw, 32, 34)
+    assert kq.importance_layout(qw, 32, 34) is first  # the same chunk again: reused
+    assert torch.equal(first, kq._superblocks_pos_major_eager(qw, 32, 34))
+    qw[3, 7] = 5.0  # written in place: laid out again, with the new value
+    again = kq.importance_layout(qw, 32, 34)
+    assert again is not first and again[1 + 7, 0, 3] == 5.0
+    other = qw.clone()  # equal values, another tensor: laid out again
+    assert kq.importance_layout(other, 32, 34) is not again
+    assert kq.importance_layout(other, 16, 16).shape == (16, 16, 40)  # another layout
+
+
+def test_imatrix_chunks_of_whole_rows_give_the_bytes_of_one_call_per_row():
+    """quantize_rows with an importance vector (chunks of whole rows, the weights tensor and its
+    layout reused from chunk to chunk) against each row encoded on its own with the weights
+    given explicitly (no reuse possible)."""
+    gen = torch.Generator().manual_seed(37)
+    rows = torch.randn(300, 18 * kq.QK_K, generator=gen)  # 18 super-blocks per row: not a power of two
+    im = torch.rand(18 * kq.QK_K, generator=gen) + 0.1
+    for cls in (kq.Q4_K, kq.Q6_K):
+        got = cls.quantize_rows(rows, im)
+        want = torch.stack([cls.quantize_blocks(r, im).reshape(-1) for r in rows[::37]])
+        assert torch.equal(got[::37], want)
+
+
 # make_qx_quants: Q6_K (both paths), Q4_0 and Q5_0 with an importance matrix.
 QX_CASES = [k for k in REFERENCE_KEYS if k[2] == "Q6_K" or (k[2] in ("Q4_0", "Q5_0") and k[3])]
 

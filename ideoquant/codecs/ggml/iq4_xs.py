@@ -73,13 +73,13 @@ class IQ4_XS(_KQuant):
         return _encode_iq4_xs(x, qw)
 
     @classmethod
-    def _encode_chunks(cls, blocks, weights):
+    def _encode_chunks(cls, blocks, weights, row_superblocks: int = 1):
         """Super-blocks in chunks of one compiled IQ4 bucket (8 sub-blocks each), the last one
         padded with zero super-blocks; the K-quant chunking where the kernel is unavailable."""
         n = blocks.shape[0]
         bucket = iq4.bucket_blocks() // 8
         if n < bucket // 4 or iq4.compiled_candidate_sums(8 * bucket) is None:
-            return super()._encode_chunks(blocks, weights)
+            return super()._encode_chunks(blocks, weights, row_superblocks)
         out = torch.empty((n, cls.type_size), dtype=torch.uint8)
         for a, b in chunk_ranges(n, bucket):
             x = blocks[a:b]

@@ -8,6 +8,7 @@ and the position-major layout they work in are described in `scale_search`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -83,6 +84,35 @@ def fused_pos_major() -> Callable | None:
     x = torch.randn(37, QK_K, generator=torch.Generator().manual_seed(23))
     probes = [[x, sub, rows] for sub, rows in ((32, 34), (32, 33), (16, 16))]
     return matching_kernel("super-block layout", run, run, _superblocks_pos_major_eager, probes)
+
+
+class _LayoutCache:
+    """The position-major layout of the last importance-weight chunk, kept with the chunk
+    itself: consecutive chunks of one tensor pass the very same weights tensor. A hit needs
+    that object, unchanged (torch's version counter) and its layout unchanged."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.source: torch.Tensor | None = None
+        self.layout: torch.Tensor | None = None
+
+    def get(self, qw: torch.Tensor, sub: int, rows: int) -> torch.Tensor:
+        key = (sub, rows, qw._version)
+        layout = self.layout
+        if self.source is qw and self.key == key + (None if layout is None else layout._version,):
+            return layout
+        layout = _superblocks_pos_major(qw, sub, rows)
+        self.source, self.layout, self.key = qw, layout, key + (layout._version,)
+        return layout
+
+
+_IMPORTANCE_LAYOUT = _LayoutCache()
+
+
+def importance_layout(qw: torch.Tensor, sub: int, rows: int) -> torch.Tensor:
+    """`_superblocks_pos_major` of an importance-weight chunk, reused while the same chunk
+    tensor comes back (see `_LayoutCache`). Callers must not write into the result."""
+    return _IMPORTANCE_LAYOUT.get(qw, sub, rows)
 
 
 def _superblocks_pos_major(x: torch.Tensor, sub: int, rows: int) -> torch.Tensor:
@@ -310,7 +340,7 @@ def _encode_k32_with(kernels, x: torch.Tensor, qw: torch.Tensor | None, five_bit
     nsb = x.shape[0]
     nmax = 31 if five_bit else 15
     X34 = _superblocks_pos_major(x, 32, 34)
-    qw34 = None if qw is None else _superblocks_pos_major(qw, 32, 34)
+    qw34 = None if qw is None else importance_layout(qw, 32, 34)
     if kernels is not None:
         scales, mins, levels, sw = _fit_k32_compiled(kernels, X34, qw34, five_bit)
     else:
@@ -368,7 +398,7 @@ def _encode_q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     if qw is None:
         W = X * X
     else:
-        W = _superblocks_pos_major(qw, 16, 16).view(16, -1)
+        W = importance_layout(qw, 16, 16).view(16, -1)
     scales, L = make_qx(X, W, 32, gapped=False)
     scales = scales.view(16, nsb)
     amax, arg = scales.abs().max(dim=0)
@@ -448,23 +478,35 @@ class _KQuant(GGMLType):
         blocks = cpu32(rows).reshape(-1, QK_K)
         if imatrix is None:
             return cls._encode_chunks(blocks, None).reshape(m, -1)
-        # Super-block i of the chunk uses imatrix[(i % per_row)*256 : ...+256].
+        # Super-block i of the chunk uses imatrix[(i % per_row)*256 : ...+256]. Chunks of whole
+        # rows all get the same weights: one tensor, made once, whose position-major layout the
+        # encoders then reuse too (`importance_layout`).
         per_row = k // QK_K
         qw_rows = cpu32(imatrix).reshape(per_row, QK_K)
+        last: dict[tuple[int, int], torch.Tensor] = {}
 
         def weights(a: int, b: int) -> torch.Tensor:
-            return qw_rows[torch.arange(a, b) % per_row]
+            key = (a % per_row, b - a)
+            if key not in last:
+                last.clear()
+                last[key] = qw_rows[torch.arange(a, b) % per_row]
+            return last[key]
 
-        return cls._encode_chunks(blocks, weights).reshape(m, -1)
+        return cls._encode_chunks(blocks, weights, per_row).reshape(m, -1)
 
     @classmethod
-    def _encode_chunks(cls, blocks: torch.Tensor, weights) -> torch.Tensor:
-        """Encode [n, 256] super-blocks in inner chunks; weights(a, b) gives their importance."""
+    def _encode_chunks(cls, blocks: torch.Tensor, weights, row_superblocks: int = 1) -> torch.Tensor:
+        """Encode [n, 256] super-blocks in inner chunks; weights(a, b) gives their importance.
+        Chunks hold a multiple of `row_superblocks` super-blocks (whole rows) where that is
+        at most twice the usual chunk."""
         n = blocks.shape[0]
         out = torch.empty((n, cls.type_size), dtype=torch.uint8)
         threads = max(1, torch.get_num_threads())
         big = col_align()
         step = max(big, cls.inner_chunk_weights * threads // QK_K // big * big)
+        whole_rows = round_up(step, math.lcm(big, row_superblocks))
+        if whole_rows <= 2 * step:
+            step = whole_rows
         for a, b in chunk_ranges(n, step):
             nb = b - a
             # Pad to whole vector groups of columns so that the sums stay on torch's fast path.
