@@ -356,11 +356,6 @@ class _RowSigmaBlock32(GGMLType):
     fused_search: ClassVar[bool] = False
 
     @classmethod
-    def _search_bucket(cls) -> int | None:
-        """Blocks per chunk of a compiled search that takes fixed-size buckets, or None."""
-        return None
-
-    @classmethod
     def _encode_ref(cls, blocks: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -413,10 +408,7 @@ class _RowSigmaBlock32(GGMLType):
         for a, b in chunk_ranges(m, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k)):
             x = rows[a:b]
             w = row_importance_weights(x, qw[a:b])
-            bucket = cls._search_bucket()
-            if bucket is not None and x.numel() // 32 < bucket // 4:
-                bucket = None  # not worth a padded bucket
-            enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), cls._encode_search, cls.type_size, bucket)
+            enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), cls._encode_search, cls.type_size)
             out[a:b] = enc.view(b - a, -1)
         return out
 

@@ -111,6 +111,17 @@ static inline int lanes_of(int g, int n) {
    (3 vectors: 30% faster than 1, 4 no faster than 3). */
 #define G 3
 
+/* make_qkx's least-squares (scale, min) of one candidate's levels, the min clamped to <= 0
+   (then the scale refitted with min 0); D <= 0 marks a candidate ggml skips. */
+static inline void qkx_fit(vf sw, vf sx, vf sl, vf sl2, vf sxl, vf* D, vf* ts, vf* tm) {
+    const vf zero = {0};
+    *D = sw * sl2 - sl * sl;
+    const vf m = (sl2 * sx - sl * sxl) / *D;
+    const vi pos = m > zero;
+    *tm = pos ? zero : m;
+    *ts = pos ? sxl / sl2 : (sw * sxl - sx * sl) / *D;
+}
+
 /* The candidate loop itself, on G vectors of blocks held in xs, ws: the state (best error,
    scale, iscale and min of the winning levels, current min, largest min used) is updated in
    place. mx: block maxima; sw, sx: sum(w), sum(w*x). */
@@ -139,13 +150,7 @@ static inline void qkx_candidates(const vf xs[32][G], const vf ws[32][G], const 
                 sxl[g] = sxl[g] + wl * xs[r][g];
             }
         }
-        for (int g = 0; g < G; ++g) {
-            D[g] = sw[g] * sl2[g] - sl[g] * sl[g];
-            const vf m = (sl2[g] * sx[g] - sl[g] * sxl[g]) / D[g];
-            const vi pos = m > zero;
-            tm[g] = pos ? zero : m;
-            ts[g] = pos ? sxl[g] / sl2[g] : (sw[g] * sxl[g] - sx[g] * sl[g]) / D[g];
-        }
+        for (int g = 0; g < G; ++g) qkx_fit(sw[g], sx[g], sl[g], sl2[g], sxl[g], &D[g], &ts[g], &tm[g]);
         for (int r = 0; r < 32; ++r) {
             for (int g = 0; g < G; ++g) {
                 const vf diff = ts[g] * lv[r][g] + tm[g] - xs[r][g];
@@ -482,13 +487,7 @@ static void qkx16_group(const float* x, int64_t ldx, const float* w, int64_t ldw
                 sxl[g] = sxl[g] + wl * xs[r][g];
             }
         }
-        for (int g = 0; g < G; ++g) {
-            D[g] = sw[g] * sl2[g] - sl[g] * sl[g];
-            const vf m = (sl2[g] * sx[g] - sl[g] * sxl[g]) / D[g];
-            const vi pos = m > zero;
-            tm[g] = pos ? zero : m;
-            ts[g] = pos ? sxl[g] / sl2[g] : (sw[g] * sxl[g] - sx[g] * sl[g]) / D[g];
-        }
+        for (int g = 0; g < G; ++g) qkx_fit(sw[g], sx[g], sl[g], sl2[g], sxl[g], &D[g], &ts[g], &tm[g]);
         for (int r = 0; r < 16; ++r) {
             for (int g = 0; g < G; ++g) {
                 vf d = lv[r][g] * ts[g] + tm[g] - xs[r][g];

@@ -185,38 +185,30 @@ def imatrix_weights(X34: torch.Tensor, qw34: torch.Tensor) -> tuple[torch.Tensor
     return run(X34, qw34) if run is not None else _imatrix_weights(X34, qw34)
 
 
-def _fit_k32(
-    X34: torch.Tensor, qw34: torch.Tensor | None, nmax: int, ref: tuple[float, float, int], impl_params
-):
-    """Scale search of Q4_K/Q5_K. X34: [34, 8, nsb] gapped with a leading slot row.
+def _ref_weights(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights of Q4_K/Q5_K's _ref encoders for X [33, B] gapped blocks: W = |x| +
+    sqrt(sum(x^2)/32) per block, and sum(W), sum(W*x) in ggml's order. (`sum33` overwrites the
+    scratch row of its argument, which holds no data.)"""
+    av_x = exact_sqrt(sum33(X * X) / 32)
+    W = torch.abs(X, out=fused_kernel.padded_rows(33, (X.shape[1],))).add_(av_x)
+    return W, sum33(W), sum33(W * X)
 
-    Returns (scales [8, nsb], mins [8, nsb], levels (see make_qkx_all), sw [8, nsb] or None).
-    Note: `sum33` overwrites the scratch row of its argument, which holds no data."""
+
+def _fit_k32(X34: torch.Tensor, qw34: torch.Tensor | None, five_bit: bool):
+    """Scale search of Q4_K/Q5_K in array code. X34: [34, 8, nsb] gapped with a leading slot row.
+
+    Returns (scales [8, nsb], mins [8, nsb], levels (see make_qkx_all), sw [8, nsb] or None)."""
     nsb = X34.shape[2]
     B = 8 * nsb
     X = X34[1:].view(33, B)
     XT = X34[1:].view(33, 8, nsb)
     xmin = torch.minimum(XT[:16].amin(0), XT[17:].amin(0)).view(B)
     xmax = torch.maximum(XT[:16].amax(0), XT[17:].amax(0)).view(B)
-    if qw34 is None:
-        sq = X * X
-        sum_x2 = sum33(sq)  # per sub-block
-        av_x = exact_sqrt(sum_x2 / 32)
-        W = torch.abs(X, out=fused_kernel.padded_rows(33, (B,))).add_(av_x)
-        sw = None
-        rmin, rdelta, nstep = ref
-        qkx3 = False
-    else:
-        W, sw, sum_x = imatrix_weights(X34, qw34)
-        sw = sw.view(8, nsb)
-        rmin, rdelta, nstep = impl_params
-        qkx3 = True
-    if sw is None:
-        sum_w, sum_x = sum33(W), sum33(W * X)
-    else:
-        sum_w = sw.view(B)
+    qkx3 = qw34 is not None
+    nmax, rmin, rdelta, nstep = _k32_params(five_bit, qkx3)
+    W, sum_w, sum_x = imatrix_weights(X34, qw34) if qkx3 else _ref_weights(X)
     scales, the_min, levels = make_qkx_all(X, W, xmin, xmax, sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3)
-    return scales.view(8, nsb), the_min.view(8, nsb), levels, sw
+    return scales.view(8, nsb), the_min.view(8, nsb), levels, sum_w.view(8, nsb) if qkx3 else None
 
 
 def _nearest_int_clamped(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -273,9 +265,7 @@ def _fit_k32_compiled(kernels, X34: torch.Tensor, qw34: torch.Tensor | None, fiv
         if qkx3:
             Ws, sws, sxs = W[:, idx].contiguous(), sw[idx], sum_x[idx]
         else:
-            av_x = exact_sqrt(sum33(Xs * Xs) / 32)
-            Ws = torch.abs(Xs).add_(av_x)
-            sws, sxs = sum33(Ws.clone()), sum33(Ws * Xs)
+            Ws, sws, sxs = _ref_weights(Xs)
         res2, _ = make_qkx(Xs, Ws, data.amin(0), data.amax(0), sws, sxs, nmax, rmin, rdelta, nstep, qkx3, exact=True)
         scale, the_min = scale.clone(), the_min.clone()
         scale[idx], the_min[idx] = res2.scale, res2.the_min
@@ -344,8 +334,7 @@ def _encode_k32_with(kernels, x: torch.Tensor, qw: torch.Tensor | None, five_bit
     if kernels is not None:
         scales, mins, levels, sw = _fit_k32_compiled(kernels, X34, qw34, five_bit)
     else:
-        _, rmin, rdelta, nstep = _k32_params(five_bit, False)
-        scales, mins, levels, sw = _fit_k32(X34, qw34, nmax, (rmin, rdelta, nstep), _k32_params(five_bit, True)[1:])
+        scales, mins, levels, sw = _fit_k32(X34, qw34, five_bit)
     d, dmin, ls, lm = _scales_k32(scales, mins, sw, five_bit)
     q = _pack_scales_k4(ls, lm)
     sc, m = _unpack_scales_k4(q)
