@@ -57,6 +57,7 @@ def test_aware_file_decodes_with_gguf_and_records_the_calibration(q4k_pair):
     field = reader.get_field("ideoquant.calibration")
     settings = json.loads(field.contents())
     assert "error feedback" in settings["method"].lower() and settings["source_checksum_match"] is True
+    assert settings["timestep_grid"] == 8192 and "8192 timesteps" in settings["method"]
     plain_reader = GGUFReader(plain / "ideogram4-Q4_K.gguf")
     assert [(t.name, t.tensor_type) for t in reader.tensors] == [(t.name, t.tensor_type) for t in plain_reader.tensors]
     changed = 0
@@ -73,6 +74,10 @@ def test_aware_file_decodes_with_gguf_and_records_the_calibration(q4k_pair):
     assert "Activation-aware codes" in card and "round-to-nearest" in card
     # The card's figures are the report's per-linear measurements, averaged, and say what they are.
     per_linear = report["branches"]["transformer"]["recipe"]["calibration"]["per_linear"]
+    # The diagonal's share of H: at least the floor, and well above it for input_proj's nearly uncorrelated latents.
+    assert all(0.1 <= v["diagonal_share"] <= 1.0 for v in per_linear.values())
+    shares = {k: v["diagonal_share"] for k, v in per_linear.items()}
+    assert shares["input_proj.weight"] > 0.3 and shares["layers.0.attention.o.weight"] == 0.1, shares
     mean_aware = sum(v["aware"] for v in per_linear.values()) / len(per_linear)
     mean_plain = sum(v["round_to_nearest"] for v in per_linear.values()) / len(per_linear)
     line = next(l for l in card.splitlines() if "Activation-aware codes" in l)
@@ -185,3 +190,102 @@ def test_max_size_at_plain_q4_k_size(calibrated, q4k_pair, tmp_path):
     assert budget < base
     tiny = _convert(src, "--format", "q4_k", "--branches", "cond", "--max-size", "1000", "--out", tmp_path / "tiny")
     assert tiny.exit_code != 0 and tiny.output.strip().startswith("error: --max-size")
+
+
+TIMESTEP_MODULES = ("t_embedding.mlp_in", "t_embedding.mlp_out", "adaln_proj", "layers.0.adaln_modulation",
+                    "final_layer.adaln_modulation")
+
+
+@torch.no_grad()
+def _model_inputs(model, calls) -> dict[str, torch.Tensor]:
+    """What the diffusers model's own forward feeds each timestep-only linear, one row per call."""
+    seen = {m: [] for m in TIMESTEP_MODULES}
+    hooks = [model.get_submodule(m).register_forward_pre_hook(lambda _mod, args, m=m: seen[m].append(args[0].reshape(-1, args[0].shape[-1])))
+             for m in TIMESTEP_MODULES]
+    try:
+        for call in calls:
+            model(**call, return_dict=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: torch.cat(rows) for m, rows in seen.items()}
+
+
+def test_timestep_inputs_are_what_the_model_feeds_those_linears(calibrated):
+    """The grid inputs computed from the weights equal the rows the diffusers forward gives each linear."""
+    from ideoquant.calibrate.timestep_inputs import timestep_linear_inputs, timestep_linears
+
+    src, _ = calibrated
+    bs = open_source(src).branches["transformer"]
+    calls = list(synthetic_calls(bs.dims, 3, 4242, 5, 64, 8, "transformer"))
+    timesteps = torch.cat([c["timestep"] for c in calls])
+    recorded = _model_inputs(load_source_transformer(bs, keep_fp8=False), calls)
+    computed = timestep_linear_inputs(bs.read_float32, bs.dims, timesteps)
+    assert sorted(computed) == sorted(timestep_linears(bs.dims)) == sorted(TIMESTEP_MODULES)
+    for module in TIMESTEP_MODULES:
+        torch.testing.assert_close(computed[module], recorded[module], rtol=1e-5, atol=1e-6)
+
+
+def test_timestep_linears_keep_their_gain_at_timesteps_calibration_never_ran(calibrated, q4k_pair):
+    """Each timestep-only linear's output error at 48 unseen timesteps (the model's own inputs) is well
+    below round-to-nearest's: their codes fit the whole timestep range, not calibration's few timesteps."""
+    src, _ = calibrated
+    plain, aware = q4k_pair
+    bs = open_source(src).branches["transformer"]
+    gen = torch.Generator().manual_seed(31337)
+    calls = []
+    for t in torch.rand(48, generator=gen).tolist():
+        call = next(iter(synthetic_calls(bs.dims, 11, 555, 1, 64, 8, "transformer")))
+        calls.append({**call, "timestep": torch.tensor([t])})
+    rows = _model_inputs(load_source_transformer(bs, keep_fp8=False), calls)
+    decoded = {}
+    for name, folder in (("plain", plain), ("aware", aware)):
+        reader = GGUFReader(folder / "ideogram4-Q4_K.gguf")
+        decoded[name] = {t.name: torch.from_numpy(gguf_quants.dequantize(np.asarray(t.data), t.tensor_type).copy())
+                         for t in reader.tensors if t.name[: -len(".weight")] in TIMESTEP_MODULES}
+    ratios = {}
+    for module in TIMESTEP_MODULES:
+        weight = bs.read_float32(module + ".weight")
+        x = rows[module]
+        exact = x @ weight.T
+        err = {k: float((x @ d[module + ".weight"].T - exact).norm() / exact.norm()) for k, d in decoded.items()}
+        ratios[module] = err["aware"] / err["plain"]
+    # Fitted to calibration's 24 timesteps instead, these were 0.97, 0.86, 0.77, 0.66, 0.64.
+    assert max(ratios.values()) < 0.9 and sum(ratios.values()) / len(ratios) < 0.62, ratios
+
+
+def test_sampling_noise_share_by_hand_and_on_known_inputs():
+    """Ledoit-Wolf's noise share: a 2x2 case worked by hand, uncorrelated inputs (all noise), one shared factor (none)."""
+    from ideoquant.export.gguf_calibration import sampling_noise_share
+
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    # S = [[5, 7], [7, 10]]; sum_{i!=j} E[x_i^2 x_j^2] = 2 (4 + 144) / 2 = 148; (148 - 98) / 2 / 98
+    assert sampling_noise_share(x, x.T @ x / 2) == pytest.approx(50 / 196, rel=1e-12)
+    gen = torch.Generator().manual_seed(5)
+    iid = torch.randn(512, 64, generator=gen)
+    assert 0.85 < sampling_noise_share(iid, iid.T @ iid / 512) <= 1.0
+    shared = torch.randn(512, 1, generator=gen) * torch.rand(1, 64, generator=gen).add(0.5) + 0.05 * torch.randn(512, 64, generator=gen)
+    assert sampling_noise_share(shared, shared.T @ shared / 512) < 0.02
+
+
+def test_second_moments_take_the_larger_of_the_floor_and_the_noise_share():
+    """H = (1 - a) S + a diag(E[x^2]) with a = max(floor, noise share); the report keeps a per linear."""
+    from ideoquant.calibrate.statistics import LinearStatistics
+    from ideoquant.export.gguf_calibration import second_moments
+
+    gen = torch.Generator().manual_seed(9)
+
+    def stats_of(rows):
+        st = LinearStatistics.empty(32)
+        st.update(rows, torch.arange(256, dtype=torch.float64), torch.zeros(256, dtype=torch.long), max_samples=256)
+        x = st.samples.to(torch.float32)
+        return st, x.T @ x / 256, rows.square().mean(0)
+
+    st, s, mean_square = stats_of(torch.randn(256, 32, generator=gen))
+    h, share = second_moments(st, floor=0.1)
+    assert share > 0.8  # uncorrelated inputs: the off-diagonal entries are noise
+    torch.testing.assert_close(h, (1 - share) * s + share * torch.diag(mean_square), rtol=1e-5, atol=1e-6)
+    st, s, mean_square = stats_of(torch.randn(256, 1, generator=gen) * torch.rand(1, 32, generator=gen).add(0.5))
+    h, share = second_moments(st, floor=0.3)
+    assert share == 0.3  # one shared factor: the estimate is far below the floor
+    torch.testing.assert_close(h, 0.7 * s + 0.3 * torch.diag(mean_square), rtol=1e-5, atol=1e-6)

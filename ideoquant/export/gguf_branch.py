@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from .options import (
     TensorReport,
     common_metadata,
 )
+
+if TYPE_CHECKING:
+    from .gguf_calibration import FeedbackMeasurement
 
 ARCHITECTURE = "ideogram4"
 # Dense types --clamp-overflow applies to: (largest finite value, the magnitude from which
@@ -112,7 +116,7 @@ def write_gguf_branch(
         from .gguf_calibration import METADATA_KEY
 
         metadata[METADATA_KEY] = calibration.metadata()
-    aware_errors: dict[str, tuple[float, float]] = {}
+    aware_measured: dict[str, FeedbackMeasurement] = {}
     reports: list[TensorReport] = []
     clamps: dict[str, int] = {}
     with outputs.writing(path) as staged:
@@ -139,8 +143,8 @@ def write_gguf_branch(
                     writer.write_chunk(aware.data.numpy())
                     meter.add(cls.dequantize_rows(aware.data), weight)
                     writer.end_tensor()
-                    aware_errors[c.name] = (aware.aware_error, aware.plain_error)
-                    reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative(), aware.note()))
+                    aware_measured[c.name] = aware.measured
+                    reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative(), aware.measured.note()))
                     progress.advance(bs.stored_nbytes(c.name))
                     continue
                 for rows in bs.iter_float32_rows(c.name):
@@ -174,7 +178,7 @@ def write_gguf_branch(
             **({"max_size": options.max_size} if options.max_size is not None else {}),
             "imatrix": options.imatrix or ("calibration" if calibration is not None else "none"),
             **({"clamped": clamps} if clamps else {}),
-            **({"calibration": calibration.recipe(aware_errors)} if calibration is not None else {}),
+            **({"calibration": calibration.recipe(aware_measured)} if calibration is not None else {}),
         },
         source_checksum=str(metadata["ideoquant.source.checksum"]),
         source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
