@@ -11,6 +11,7 @@ peak RSS of that child through `os.wait4`):
 4. `convert --format q4_k_m --calibration STATS --max-size <the plain q4_k pair's bytes>`.
 
     .venv/bin/python bench/bench_calibrated_convert.py --work bench_out
+    .venv/bin/python bench/bench_calibrated_convert.py --work bench_out --reuse-statistics --runs aware
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench_out"))
     parser.add_argument("--calibration", default="--inputs 2 --steps 2 --resolution 256",
                         help="extra `calibrate` arguments (one string)")
+    parser.add_argument("--runs", default="plain,aware,budget",
+                        help="conversions to measure: plain (q4_k), aware (q4_k --calibration), budget "
+                             "(q4_k_m --calibration --max-size; needs plain in the same run or a previous report)")
+    parser.add_argument("--reuse-statistics", action="store_true",
+                        help="keep the statistics file of an earlier run instead of calibrating again")
     args = parser.parse_args()
 
     src = args.work / f"full-{args.layers}blocks-fp8"
@@ -65,24 +71,37 @@ def main() -> None:
     weights = sum(bs.total_weights for bs in source.branches.values())
     cli = [sys.executable, "-m", "ideoquant.cli"]
     stats = args.work / "full-stats.safetensors"
+    report_path = args.work / "calibrated_convert.json"
     report: dict = {"layers": args.layers, "weights": weights, "runs": {}}
+    if report_path.exists():  # runs not repeated now keep their earlier figures
+        earlier = json.loads(report_path.read_text())
+        if earlier.get("layers") == args.layers:
+            report["runs"] = earlier.get("runs", {})
+    if args.reuse_statistics and stats.exists():
+        print(f"statistics: reusing {stats}", flush=True)
+    else:
+        calib = run_measured([*cli, "calibrate", str(src), "--synthetic", "--out", str(stats), "--overwrite", "--quiet",
+                              *args.calibration.split()])
+        stats_bytes = stats.stat().st_size
+        per_branch_full = stats_bytes / len(source.branches) * ModelDims().num_layers / args.layers
+        report["runs"]["calibrate"] = {**calib, "stats_bytes": stats_bytes,
+                                       "stats_bytes_per_branch_34_blocks": per_branch_full}
+        print(f"calibrate {args.calibration}: {calib['seconds']:.1f} s, peak RSS {calib['peak_rss_gib']:.2f} GiB, "
+              f"statistics {stats_bytes / 2**30:.3f} GiB (about {per_branch_full / 1e9:.2f} GB per branch at "
+              f"{ModelDims().num_layers} blocks)", flush=True)
 
-    calib = run_measured([*cli, "calibrate", str(src), "--synthetic", "--out", str(stats), "--overwrite", "--quiet",
-                          *args.calibration.split()])
-    stats_bytes = stats.stat().st_size
-    per_branch_full = stats_bytes / len(source.branches) * ModelDims().num_layers / args.layers
-    report["runs"]["calibrate"] = {**calib, "stats_bytes": stats_bytes,
-                                   "stats_bytes_per_branch_34_blocks": per_branch_full}
-    print(f"calibrate {args.calibration}: {calib['seconds']:.1f} s, peak RSS {calib['peak_rss_gib']:.2f} GiB, "
-          f"statistics {stats_bytes / 2**30:.3f} GiB (about {per_branch_full / 1e9:.2f} GB per branch at "
-          f"{ModelDims().num_layers} blocks)", flush=True)
-
-    plain_bytes = None
+    plain_bytes = report["runs"].get("q4_k", {}).get("gguf_bytes")
+    wanted = set(args.runs.split(","))
     runs = {
-        "q4_k": ["--format", "q4_k"],
-        "q4_k --calibration": ["--format", "q4_k", "--calibration", str(stats)],
-        "q4_k_m --calibration --max-size": ["--format", "q4_k_m", "--calibration", str(stats), "--max-size", None],
+        name: extra for key, name, extra in (
+            ("plain", "q4_k", ["--format", "q4_k"]),
+            ("aware", "q4_k --calibration", ["--format", "q4_k", "--calibration", str(stats)]),
+            ("budget", "q4_k_m --calibration --max-size",
+             ["--format", "q4_k_m", "--calibration", str(stats), "--max-size", None]),
+        ) if key in wanted
     }
+    if None in sum(runs.values(), []) and plain_bytes is None and "plain" not in wanted:
+        sys.exit("budget needs the plain q4_k pair's bytes: add plain to --runs")
     print(f"{'conversion':<34} {'wall s':>8} {'M weights/s':>12} {'peak RSS GiB':>13} {'GGUF bytes':>14}")
     for name, extra in runs.items():
         out = args.work / ("out-" + name.replace(" --", "-").replace(" ", ""))
@@ -90,13 +109,16 @@ def main() -> None:
         extra = [str(plain_bytes) if a is None else a for a in extra]
         result = run_measured([*cli, "convert", str(src), "--out", str(out), "--quiet", *extra])
         size = folder_bytes(out, ".gguf")
-        plain_bytes = plain_bytes or size
-        result.update({"rate_m_weights_s": weights / result["seconds"] / 1e6, "gguf_bytes": size, "out": str(out)})
+        if name == "q4_k":
+            plain_bytes = size
+        result.update({"rate_m_weights_s": weights / result["seconds"] / 1e6, "gguf_bytes": size, "out": str(out),
+                       "measured_at": time.strftime("%Y-%m-%d %H:%M")})
         report["runs"][name] = result
         print(f"{name:<34} {result['seconds']:8.1f} {result['rate_m_weights_s']:12.2f} "
               f"{result['peak_rss_gib']:13.2f} {size:14d}", flush=True)
-    (args.work / "calibrated_convert.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{weights / 1e6:.0f} M weights (both branches); report: {args.work / 'calibrated_convert.json'}")
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{weights / 1e6:.0f} M weights (both branches); report: {report_path}")
 
 
 if __name__ == "__main__":
