@@ -181,6 +181,7 @@ def fresh_short_kernels():
     def clear():
         kquants23.fused_q3_step.cache_clear()
         kquants23.fused_qkx16.cache_clear()
+        kquants23.fused_k16_weights.cache_clear()
         scale_search.fused_qp_step.cache_clear()
         fused_kernel.search_library.cache_clear()
 
@@ -232,6 +233,25 @@ def test_q2_k_through_the_compiled_search_matches_ggml(ref, fresh_short_kernels,
     monkeypatch.setattr(fused_kernel, "qkx16_fit_cpp", lambda *a: calls.append(a[4:]) or real(*a))
     _assert_matches_vectors(ref, Q2_K_CASES)
     assert {(3, False, True), (3, True, False)} <= set(calls)  # (nmax, qkx3, use_mad): both searches
+
+
+@needs_compiler
+def test_q2_k_q3_k_importance_weights_through_the_compiled_kernel_match_ggml(ref, fresh_short_kernels, monkeypatch):
+    """Every Q2_K and Q3_K vector with an importance matrix, its weights from the C++ kernel
+    (counted with its sigma2 factor: 1 for Q2_K, 2 for Q3_K, so a fallback cannot pass unseen)."""
+    calls = []
+    real = fused_kernel.k16_weights_cpp
+    monkeypatch.setattr(fused_kernel, "k16_weights_cpp", lambda *a: calls.append(a[3]) or real(*a))
+    cases = [k for k in REFERENCE_KEYS if k[2] in ("Q2_K", "Q3_K") and "imatrix" in k[3]]
+    assert cases
+    _assert_matches_vectors(ref, cases)
+    assert {1.0, 2.0} <= set(calls)
+
+
+def test_q2_k_q3_k_importance_weights_eager_match_ggml(ref, fresh_short_kernels, monkeypatch):
+    monkeypatch.setenv("IDEOQUANT_FUSED", "0")
+    assert kquants23.fused_k16_weights() is None
+    _assert_matches_vectors(ref, [k for k in REFERENCE_KEYS if k[2] in ("Q2_K", "Q3_K") and "imatrix" in k[3]])
 
 
 def test_q2_k_eager_search_matches_ggml(ref, fresh_short_kernels, monkeypatch):

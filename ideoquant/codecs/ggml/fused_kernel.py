@@ -344,6 +344,39 @@ extern "C" void k_imatrix_weights(const float* x, int64_t ldx, const float* qw, 
     }
 }
 
+/* The importance weights of Q2_K/Q3_K's _impl encoders: with sigma2 = factor*sum(x^2)/256
+   over the super-block (one sum, in the weights' order), w = qw*sqrtf(sigma2 + x*x), and
+   sum(w) per 16-weight sub-block, in order. x, qw: [16 pos, 16 sub, nsb] position-major rows
+   ldx, ldq apart (column sub*nsb + sb); W: [16, 16*nsb] rows ldw apart; sw [16*nsb]. */
+extern "C" void k16_imatrix_weights(const float* x, int64_t ldx, const float* qw, int64_t ldq,
+                                    int64_t nsb, float factor, float* W, int64_t ldw, float* sw,
+                                    int64_t threads) {
+    const int64_t groups = (nsb + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * LANES;
+        const int m = (int)(nsb - b0 < LANES ? nsb - b0 : LANES);
+        const vf zero = {0};
+        vf s = zero;
+        for (int j = 0; j < 16; ++j)
+            for (int r = 0; r < 16; ++r) {
+                const vf xv = load_n(x + r * ldx + j * nsb, b0, m);
+                s = s + xv * xv;
+            }
+        const vf sigma2 = (s * factor) / 256.0f;
+        for (int j = 0; j < 16; ++j) {
+            vf a = zero;
+            for (int r = 0; r < 16; ++r) {
+                const vf xv = load_n(x + r * ldx + j * nsb, b0, m);
+                const vf wv = load_n(qw + r * ldq + j * nsb, b0, m) * vsqrt(xv * xv + sigma2);
+                store_n(W + r * ldw + j * nsb, b0, m, wv);
+                a = a + wv;
+            }
+            store_n(sw + j * nsb, b0, m, a);
+        }
+    }
+}
+
 static inline vf vabs(vf a) { return (vf)((vi)a & 0x7FFFFFFF); }
 
 /* make_qkx2/3_quants whole on G*LANES blocks from b0 on (n exist), as `scale_search.make_qkx`
@@ -794,6 +827,8 @@ def search_library():
         lib.qp_search.restype = None
         lib.k_imatrix_weights.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64]
         lib.k_imatrix_weights.restype = None
+        lib.k16_imatrix_weights.argtypes = [ptr, i64, ptr, i64, i64, ctypes.c_float, ptr, i64, ptr, i64]
+        lib.k16_imatrix_weights.restype = None
         lib.k32_fit.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_float, i64, ctypes.c_float, i64]
         lib.k32_fit.restype = None
         lib.k32_levels.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64]
@@ -830,6 +865,26 @@ def compiled_imatrix_weights() -> Callable[..., None] | None:
     """The C++ importance weights of Q4_K/Q5_K (`imatrix_weights_cpp`'s kernel), or None."""
     lib = search_library()
     return None if lib is None else lib.k_imatrix_weights
+
+
+def compiled_k16_weights() -> Callable[..., None] | None:
+    """The C++ importance weights of Q2_K/Q3_K (`k16_weights_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.k16_imatrix_weights
+
+
+def k16_weights_cpp(kernel: Callable[..., None], X: torch.Tensor, qw: torch.Tensor, factor: float):
+    """Q2_K/Q3_K's importance weights through the C++ kernel: X, qw [16, 16, nsb] position-major
+    super-blocks. Returns (W [16, 16*nsb], sum(W) per sub-block [16*nsb]), as
+    `kquants23.importance_weights` and `sum_rows` compute them with sigma2 = factor*sum(x^2)/256."""
+    rows, sub, nsb = X.shape
+    if X.stride()[1:] != (nsb, 1) or qw.stride()[1:] != (nsb, 1):
+        X, qw = X.contiguous(), qw.contiguous()
+    W = torch.empty((rows, sub * nsb), dtype=torch.float32)
+    sw = torch.empty(sub * nsb, dtype=torch.float32)
+    kernel(X.data_ptr(), X.stride(0), qw.data_ptr(), qw.stride(0), nsb, factor, W.data_ptr(), W.stride(0),
+           sw.data_ptr(), max(1, torch.get_num_threads()))
+    return W, sw
 
 
 def imatrix_weights_cpp(kernel: Callable[..., None], X: torch.Tensor, qw: torch.Tensor):

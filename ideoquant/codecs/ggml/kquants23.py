@@ -65,6 +65,47 @@ def importance_weights(X: torch.Tensor, QW: torch.Tensor, sigma2: torch.Tensor) 
     return QW * exact_sqrt(t)
 
 
+def _weights_and_sums(X3: torch.Tensor, QW: torch.Tensor, x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Array code of `weights_and_sums`: W [16, 16*nsb] and sum(W) per sub-block, concatenated."""
+    sigma2 = (factor * superblock_sum_sq(x)) / QK_K if factor != 1.0 else superblock_sum_sq(x) / QK_K
+    W = importance_weights(X3, QW, sigma2).view(_SUB, -1)
+    return torch.cat([W.reshape(-1), sum_rows(W)])
+
+
+@functools.cache
+def fused_k16_weights() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """The C++ importance weights of Q2_K/Q3_K (`fused_kernel.k16_weights_cpp`), once they have
+    matched the array code bit for bit on probe super-blocks here; else None."""
+    kernel = fused_kernel.compiled_k16_weights()
+    if kernel is None:
+        return None
+
+    def run(X3, QW, x, factor):
+        return fused_kernel.k16_weights_cpp(kernel, X3, QW, factor)
+
+    def both(X3, QW, x, factor):
+        return torch.cat([t.reshape(-1) for t in run(X3, QW, x, factor)])
+
+    probes = []
+    for nsb, factor in ((37, 2.0), (64, 1.0)):  # a partial vector of super-blocks, and whole ones
+        x, w = short_block_probe(_SUB, _NSUB * nsb, seed=nsb)
+        x, w = x.T.reshape(nsb, QK_K), w.T.reshape(nsb, QK_K)
+        probes.append([_superblocks_pos_major(x, _SUB, _SUB), _superblocks_pos_major(w, _SUB, _SUB), x, factor])
+    return run if matching_kernel("Q2_K/Q3_K importance weights", both, run, _weights_and_sums, probes) else None
+
+
+def weights_and_sums(X3: torch.Tensor, QW: torch.Tensor, x: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's importance weights of Q2_K (factor 1) and Q3_K (factor 2): sigma2 =
+    factor*sum(x^2)/256 per super-block, W = qw*sqrtf(sigma2 + x^2) [16, 16*nsb] for X3, QW
+    [16, 16, nsb] position-major (x: the same super-blocks [nsb, 256]), and sum(W) per sub-block."""
+    run = fused_k16_weights()
+    if run is not None:
+        return run(X3, QW, x, factor)
+    both = _weights_and_sums(X3, QW, x, factor)
+    n = X3.numel()
+    return both[:n].view(_SUB, -1), both[n:]
+
+
 # --------------------------------------------------------------------------------------------
 # make_qkx2_quants / make_qkx3_quants on 16-element sub-blocks (Q2_K: nmax = 3).
 # --------------------------------------------------------------------------------------------
@@ -308,10 +349,8 @@ def _encode_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         d = torch.where(has_s, max_scale / 15.0, zero)
         dmin = torch.where(has_m, max_min / 15.0, zero)
     else:
-        QW = _superblocks_pos_major(qw, _SUB, _SUB)
-        sigma2 = superblock_sum_sq(x) / QK_K
-        W = importance_weights(X3, QW, sigma2).view(_SUB, -1)
-        sw = sum_rows(W).view(_NSUB, nsb)
+        W, sw = weights_and_sums(X3, _superblocks_pos_major(qw, _SUB, _SUB), x, 1.0)
+        sw = sw.view(_NSUB, nsb)
         scales, mins, L = make_qkx16(X, W, 3, -0.9, 0.05, 36, qkx3=True, use_mad=False)
         dd, ll = make_qp(torch.cat([scales.view(_NSUB, nsb), mins.view(_NSUB, nsb)], dim=1), torch.cat([sw, sw], dim=1), 15)
         d, dmin = dd[:nsb], dd[nsb:]
@@ -355,10 +394,8 @@ def _encode_q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         ls = torch.where(has, li.clamp_(-32, 31) + 32, 0)
         d = torch.where(has, exact_div(1.0, iscale), torch.zeros_like(max_scale))
     else:
-        QW = _superblocks_pos_major(qw, _SUB, _SUB)
-        sigma2 = (2 * superblock_sum_sq(x)) / QK_K
-        W = importance_weights(X3, QW, sigma2).view(_SUB, -1)
-        sw = sum_rows(W).view(_NSUB, nsb)
+        W, sw = weights_and_sums(X3, _superblocks_pos_major(qw, _SUB, _SUB), x, 2.0)
+        sw = sw.view(_NSUB, nsb)
         scales, L = make_qx(X, W, 4, gapped=False)
         d, Ls = make_qx(scales.view(_NSUB, nsb), sw, 32, gapped=False)
         ls = Ls.to(torch.int32)
