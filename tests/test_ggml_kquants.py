@@ -18,6 +18,8 @@ from ideoquant.codecs.ggml import kquants as kq
 from ideoquant.codecs.ggml import scale_search as ss
 from ideoquant.codecs.ggml.registry import GGML_TYPES, ggml_type
 
+from .conftest import clear_native_kernels
+
 DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
 BLOCK32_TYPES = ["Q4_1", "Q5_0", "Q5_1", "IQ4_NL"]
 TYPES = ["Q8_0", "Q4_0", *BLOCK32_TYPES, "Q4_K", "Q5_K", "Q6_K"]
@@ -308,16 +310,9 @@ def test_decoder_is_device_generic(qtype):
 @pytest.fixture
 def fresh_fused_caches():
     """Forget which kernels were built and checked, before and after the test."""
-
-    def clear():
-        ss.fused_qkx_search.cache_clear()
-        ss.fused_qp_step.cache_clear()
-        kq.fused_imatrix_weights.cache_clear()
-        kquant_fused.search_library.cache_clear()
-
-    clear()
+    clear_native_kernels()
     yield
-    clear()
+    clear_native_kernels()
 
 
 FUSED_CASES = [(n, t, p, 1) for n in (256, 512) for t in ("Q4_K", "Q5_K") for p in ("", "+imatrix_ones", "+imatrix_random")]

@@ -14,6 +14,8 @@ from gguf import quants as gguf_quants
 from ideoquant.codecs.ggml import fused_kernel, iq4, iq4_xs, kquants23, scale_search
 from ideoquant.codecs.ggml.registry import ggml_type
 
+from .conftest import clear_native_kernels
+
 DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
 TYPES = ["Q2_K", "Q3_K", "IQ4_XS"]
 PATHS = ("", "+imatrix_ones", "+imatrix_random")
@@ -177,17 +179,9 @@ needs_compiler = pytest.mark.skipif(
 @pytest.fixture
 def fresh_short_kernels():
     """Forget which short-block kernels were compiled and checked, before and after the test."""
-
-    def clear():
-        kquants23.fused_q3_step.cache_clear()
-        kquants23.fused_qkx16.cache_clear()
-        kquants23.fused_k16_weights.cache_clear()
-        scale_search.fused_qp_step.cache_clear()
-        fused_kernel.search_library.cache_clear()
-
-    clear()
+    clear_native_kernels()
     yield
-    clear()
+    clear_native_kernels()
 
 
 def _assert_matches_vectors(ref, cases):

@@ -307,13 +307,14 @@ static inline vf vsqrt(vf a) {
 }
 #endif
 
-/* The importance weights of Q4_K/Q5_K's _impl encoders for every sub-block: with sigma2 =
-   2*sum(x^2)/256 over the super-block (one sum, in order), w = qw*sqrtf(sigma2 + x*x), and
-   sum(w), sum(w*x) per sub-block, in order. x, qw: [33, 8, nsb] gapped rows ldx, ldq apart
-   (column j*nsb + sb); W: [33, 8*nsb] rows ldw apart (scratch row 16 set to 0); sw, sx [8*nsb]. */
-extern "C" void k_imatrix_weights(const float* x, int64_t ldx, const float* qw, int64_t ldq,
-                                  int64_t nsb, float* W, int64_t ldw, float* sw, float* sx,
-                                  int64_t threads) {
+/* The importance weights of the K-quant _impl encoders: with sigma2 = factor*sum(x^2)/256
+   over the super-block (one sum, in the weights' order), w = qw*sqrtf(sigma2 + x*x), and
+   sum(w) (and sum(w*x) where sx is not NULL) per sub-block, in order. x, qw: [rows, nsub, nsb]
+   position-major, rows ldx, ldq apart (column j*nsb + sb), position r in row r, or r + 1 from
+   16 on where gapped (row 16 a scratch row, set to 0 in W); W rows ldw apart. */
+static void superblock_weights(const float* x, int64_t ldx, const float* qw, int64_t ldq, int64_t nsb,
+                               int nsub, int sub, bool gapped, float factor, float* W, int64_t ldw,
+                               float* sw, float* sx, int64_t threads) {
     const int64_t groups = (nsb + LANES - 1) / LANES;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
@@ -321,60 +322,41 @@ extern "C" void k_imatrix_weights(const float* x, int64_t ldx, const float* qw, 
         const int m = (int)(nsb - b0 < LANES ? nsb - b0 : LANES);
         const vf zero = {0};
         vf s = zero;
-        for (int j = 0; j < 8; ++j)
-            for (int r = 0; r < 32; ++r) {
-                const vf xv = load_n(x + (r < 16 ? r : r + 1) * ldx + j * nsb, b0, m);
+        for (int j = 0; j < nsub; ++j)
+            for (int r = 0; r < sub; ++r) {
+                const vf xv = load_n(x + (gapped && r >= 16 ? r + 1 : r) * ldx + j * nsb, b0, m);
                 s = s + xv * xv;
             }
-        const vf sigma2 = (s * 2.0f) / 256.0f;
-        for (int j = 0; j < 8; ++j) {
+        const vf sigma2 = (s * factor) / 256.0f;
+        for (int j = 0; j < nsub; ++j) {
             vf a = zero, b = zero;
-            for (int r = 0; r < 32; ++r) {
-                const int64_t row = r < 16 ? r : r + 1;
+            for (int r = 0; r < sub; ++r) {
+                const int64_t row = gapped && r >= 16 ? r + 1 : r;
                 const vf xv = load_n(x + row * ldx + j * nsb, b0, m);
                 const vf wv = load_n(qw + row * ldq + j * nsb, b0, m) * vsqrt(xv * xv + sigma2);
                 store_n(W + row * ldw + j * nsb, b0, m, wv);
                 a = a + wv;
-                b = b + wv * xv;
+                if (sx) b = b + wv * xv;
             }
-            store_n(W + 16 * ldw + j * nsb, b0, m, zero);
+            if (gapped) store_n(W + 16 * ldw + j * nsb, b0, m, zero);
             store_n(sw + j * nsb, b0, m, a);
-            store_n(sx + j * nsb, b0, m, b);
+            if (sx) store_n(sx + j * nsb, b0, m, b);
         }
     }
 }
 
-/* The importance weights of Q2_K/Q3_K's _impl encoders: with sigma2 = factor*sum(x^2)/256
-   over the super-block (one sum, in the weights' order), w = qw*sqrtf(sigma2 + x*x), and
-   sum(w) per 16-weight sub-block, in order. x, qw: [16 pos, 16 sub, nsb] position-major rows
-   ldx, ldq apart (column sub*nsb + sb); W: [16, 16*nsb] rows ldw apart; sw [16*nsb]. */
+/* Q4_K/Q5_K: x, qw [33, 8, nsb] gapped; W [33, 8*nsb]; sigma2 = 2*sum(x^2)/256; sw, sx [8*nsb]. */
+extern "C" void k_imatrix_weights(const float* x, int64_t ldx, const float* qw, int64_t ldq,
+                                  int64_t nsb, float* W, int64_t ldw, float* sw, float* sx,
+                                  int64_t threads) {
+    superblock_weights(x, ldx, qw, ldq, nsb, 8, 32, true, 2.0f, W, ldw, sw, sx, threads);
+}
+
+/* Q2_K (factor 1) and Q3_K (factor 2): x, qw [16 pos, 16 sub, nsb]; W [16, 16*nsb]; sw [16*nsb]. */
 extern "C" void k16_imatrix_weights(const float* x, int64_t ldx, const float* qw, int64_t ldq,
                                     int64_t nsb, float factor, float* W, int64_t ldw, float* sw,
                                     int64_t threads) {
-    const int64_t groups = (nsb + LANES - 1) / LANES;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
-        const int64_t b0 = g * LANES;
-        const int m = (int)(nsb - b0 < LANES ? nsb - b0 : LANES);
-        const vf zero = {0};
-        vf s = zero;
-        for (int j = 0; j < 16; ++j)
-            for (int r = 0; r < 16; ++r) {
-                const vf xv = load_n(x + r * ldx + j * nsb, b0, m);
-                s = s + xv * xv;
-            }
-        const vf sigma2 = (s * factor) / 256.0f;
-        for (int j = 0; j < 16; ++j) {
-            vf a = zero;
-            for (int r = 0; r < 16; ++r) {
-                const vf xv = load_n(x + r * ldx + j * nsb, b0, m);
-                const vf wv = load_n(qw + r * ldq + j * nsb, b0, m) * vsqrt(xv * xv + sigma2);
-                store_n(W + r * ldw + j * nsb, b0, m, wv);
-                a = a + wv;
-            }
-            store_n(sw + j * nsb, b0, m, a);
-        }
-    }
+    superblock_weights(x, ldx, qw, ldq, nsb, 16, 16, false, factor, W, ldw, sw, nullptr, threads);
 }
 
 static inline vf vabs(vf a) { return (vf)((vi)a & 0x7FFFFFFF); }

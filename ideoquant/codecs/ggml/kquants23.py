@@ -67,7 +67,7 @@ def importance_weights(X: torch.Tensor, QW: torch.Tensor, sigma2: torch.Tensor) 
 
 def _weights_and_sums(X3: torch.Tensor, QW: torch.Tensor, x: torch.Tensor, factor: float) -> torch.Tensor:
     """Array code of `weights_and_sums`: W [16, 16*nsb] and sum(W) per sub-block, concatenated."""
-    sigma2 = (factor * superblock_sum_sq(x)) / QK_K if factor != 1.0 else superblock_sum_sq(x) / QK_K
+    sigma2 = (factor * superblock_sum_sq(x)) / QK_K  # factor 1: exactly sum / 256
     W = importance_weights(X3, QW, sigma2).view(_SUB, -1)
     return torch.cat([W.reshape(-1), sum_rows(W)])
 
