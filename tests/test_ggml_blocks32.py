@@ -248,10 +248,11 @@ def test_a_compiled_ref_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
 
 
 @needs_compiler
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
 def test_compiled_row_importance_weights_give_ggml_bytes(qtype, monkeypatch):
-    """The importance weights of the _impl encoders (sigma2 over the whole row) through the
-    C++ kernel, counted: every importance-matrix vector of the type, byte for byte."""
+    """The importance weights of the make_qkx3 _impl encoders (sigma2 over the whole row)
+    through the C++ kernel, counted: every importance-matrix vector of the type, byte for
+    byte (Q4_0 and Q5_0 make theirs inside their search kernel, below)."""
     assert b32.fused_row_weights() is not None
     calls = []
     real = fused_kernel.row_weights_cpp
@@ -270,15 +271,19 @@ def test_compiled_row_importance_weights_give_ggml_bytes(qtype, monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0"])
 @pytest.mark.parametrize("path", ["+imatrix_ones", "+imatrix_random"])
-def test_compiled_q5_0_search_matches_ggml(path, monkeypatch):
-    """Q5_0 with an importance matrix: ggml's bytes with make_qx_quants through the C++ kernel."""
-    rows, want = _tiled_reference("Q5_0", 3 * 4096, path)
+def test_compiled_row_qx_search_matches_ggml(qtype, path, monkeypatch):
+    """Q4_0 and Q5_0 with an importance matrix: ggml's bytes with the importance weights and
+    make_qx_quants run by one C++ kernel on the rows as they lie (its calls counted after its
+    self-check)."""
+    assert b32.fused_qx_rows() is not None
+    rows, want = _tiled_reference(qtype, 3 * 4096 + 5, path)
     with np.load(DATA) as z:
         imatrix = torch.ones(512) if path == "+imatrix_ones" else torch.from_numpy(z["n512/imatrix_random"])
     used = []
-    real = fused_kernel.qx_search_cpp
-    monkeypatch.setattr(fused_kernel, "qx_search_cpp", lambda *a: used.append(1) or real(*a))
-    got = ggml_type("Q5_0").quantize_rows(torch.from_numpy(rows), imatrix).numpy()
+    real = fused_kernel.qx_rows_cpp
+    monkeypatch.setattr(fused_kernel, "qx_rows_cpp", lambda *a: used.append(1) or real(*a))
+    got = ggml_type(qtype).quantize_rows(torch.from_numpy(rows), imatrix).numpy()
     assert used, "the compiled kernel was not used"
     assert np.array_equal(got, want)

@@ -475,20 +475,31 @@ QX_CASES = [k for k in REFERENCE_KEYS if k[2] == "Q6_K" or (k[2] in ("Q4_0", "Q5
 
 @needs_compiler
 def test_make_qx_through_the_compiled_kernel_matches_ggml(ref, monkeypatch):
-    """Every vector whose encoder runs make_qx_quants, with the C++ kernel counted (a fallback
-    to the array code cannot pass unseen), for 16- and 32-weight blocks."""
-    assert ss.fused_qx() is not None
+    """Every vector whose encoder runs make_qx_quants, with the C++ kernels counted (a fallback
+    to the array code cannot pass unseen): 16-weight sub-blocks position-major, 32-weight
+    blocks on their rows."""
+    from ideoquant.codecs.ggml import blocks32
+
+    assert ss.fused_qx() is not None and blocks32.fused_qx_rows() is not None
     rows = []
-    real = kquant_fused.qx_search_cpp
+    real, real_rows = kquant_fused.qx_search_cpp, kquant_fused.qx_rows_cpp
     monkeypatch.setattr(kquant_fused, "qx_search_cpp", lambda *a: rows.append(a[1].shape[0]) or real(*a))
+    monkeypatch.setattr(kquant_fused, "qx_rows_cpp", lambda *a: rows.append(32) or real_rows(*a))
     for n, case, qtype, path in QX_CASES:
         got = ggml_type(qtype).quantize_rows(torch.from_numpy(ref[f"n{n}/{case}/input"]), _imatrix(ref, n, path)).numpy()
         assert np.array_equal(got, ref[f"n{n}/{case}/{qtype}{path}"]), f"n{n} {case} {qtype}{path}"
-    assert {16, 33} <= set(rows)
+    assert {16, 32} <= set(rows)
 
 
-def test_make_qx_array_code_matches_ggml(ref, monkeypatch):
-    monkeypatch.setattr(ss, "fused_qx", lambda: None)
+@pytest.mark.parametrize("block_major_kernel", [False, True])
+def test_make_qx_array_code_matches_ggml(ref, monkeypatch, block_major_kernel):
+    """The array code alone, and 32-weight blocks through the position-major kernel (the route
+    where only the row kernel fails its check)."""
+    from ideoquant.codecs.ggml import blocks32
+
+    monkeypatch.setattr(blocks32, "fused_qx_rows", lambda: None)
+    if not block_major_kernel:
+        monkeypatch.setattr(ss, "fused_qx", lambda: None)
     for n, case, qtype, path in QX_CASES[::5]:
         got = ggml_type(qtype).quantize_rows(torch.from_numpy(ref[f"n{n}/{case}/input"]), _imatrix(ref, n, path)).numpy()
         assert np.array_equal(got, ref[f"n{n}/{case}/{qtype}{path}"]), f"n{n} {case} {qtype}{path}"

@@ -96,7 +96,7 @@ def write_gguf_branch(
     # While the source is hashed for the header below (a first run compiles the K-quant kernel).
     progress.note("preparing the encoders")
     for qtype in dict.fromkeys(c.qtype for c in choices):
-        ggml_type(qtype).prepare()
+        ggml_type(qtype).prepare(imatrix=options.imatrix is not None or calibration is not None)
     recipe = {c.name: {"type": c.qtype.name, "reason": c.reason} for c in choices}
     if calibration is not None:
         for c in choices:

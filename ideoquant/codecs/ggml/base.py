@@ -39,8 +39,9 @@ class GGMLType:
         raise NotImplementedError(f"{cls.__name__} has no decoder")
 
     @classmethod
-    def prepare(cls) -> None:
-        """One-time set-up before a conversion encodes with this type (e.g. compiling a kernel)."""
+    def prepare(cls, imatrix: bool = False) -> None:
+        """One-time set-up of the encoder path a conversion will run, the importance-matrix one
+        when `imatrix` (e.g. building or checking a kernel; the other path sets up lazily)."""
 
     # --- row level, shared -------------------------------------------------------------
     @classmethod

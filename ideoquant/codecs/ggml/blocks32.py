@@ -24,8 +24,10 @@ from . import fused_kernel, iq4
 from . import ref32_kernel
 from .iq4 import KVALUES_IQ4NL, iq4_block_scales, iq4_index
 from .scale_search import (
+    GROUP_MAX_EPS,
     INNER_CHUNK_WEIGHTS,
     VEC_COLS,
+    _adversarial_blocks,
     chunk_ranges,
     col_align,
     cpu32,
@@ -34,9 +36,9 @@ from .scale_search import (
     fused_search_available,
     gapped33,
     make_qkx_all,
-    fused_qx,
     make_qx,
     matching_kernel,
+    qx_numerators,
     round_up,
     sum33,
     sum_rows,
@@ -101,14 +103,6 @@ def _encode_q4_0_ref(blocks: torch.Tensor) -> torch.Tensor:
     return _pack_q4_0(d, L)
 
 
-def _encode_q4_0_search(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """quantize_row_q4_0_impl's blocks: x, w [B, 32] (w the importance weights) -> uint8 [B, 18]."""
-    d, L = make_qx(_pos_major(x), _pos_major(w), 8, gapped=True)
-    return _pack_q4_0(d, ungap33(L).permute(1, 0))
-
-
-
-
 class Q4_0(GGMLType):
     """18 bytes per 32 weights: fp16 d, 32 4-bit levels (x = d * (q - 8))."""
 
@@ -118,8 +112,11 @@ class Q4_0(GGMLType):
     uses_imatrix = True
 
     @classmethod
-    def prepare(cls) -> None:
-        ref32_kernel.compiled_encoder("Q4_0", ref32_kernel.bucket_blocks(), _encode_q4_0_ref)
+    def prepare(cls, imatrix=False):
+        if imatrix:
+            fused_qx_rows()
+        else:
+            ref32_kernel.compiled_encoder("Q4_0", ref32_kernel.bucket_blocks(), _encode_q4_0_ref)
 
     @classmethod
     def quantize_blocks(cls, blocks, weights=None):
@@ -144,22 +141,13 @@ class Q4_0(GGMLType):
     @classmethod
     def _impl_rows(cls, rows: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
         """quantize_row_q4_0_impl on each row of rows [m, k] with importance qw [m, k]."""
-        m, k = rows.shape
-        out = torch.empty((m, cls.row_bytes(k)), dtype=torch.uint8)
-        for a, b in chunk_ranges(m, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k)):
-            x = rows[a:b]
-            w = row_importance_weights(x, qw[a:b])
-            enc = _encode_block_chunks(x.reshape(-1, 32), w.reshape(-1, 32), _encode_q4_0_search, cls.type_size)
-            out[a:b] = enc.view(b - a, -1)
-        return out
+        # _pack_q4_0's bytes, a word at a time
+        return qx_impl_rows(rows, qw, 8, lambda d, L: torch.cat([fp16_bytes(d), _nibbles(L)], dim=1), cls.type_size)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
-        n = blocks.shape[0]
         d = fp16_from_bytes(blocks[:, :2])
-        qs = blocks[:, 2:].reshape(n, 1, 16)
-        q = torch.cat([qs & 0xF, qs >> 4], dim=1).reshape(n, 32).to(torch.int8) - 8
-        return d * q.to(_F32)
+        return _unpack_nibbles(blocks[:, 2:]).to(_F32).sub_(8.0).mul_(d)  # in place: no page faults
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +199,57 @@ def row_importance_weights(rows: torch.Tensor, qw: torch.Tensor) -> torch.Tensor
     rows [m, k] with importance qw [m, k] (C++ where available and exact here)."""
     run = fused_row_weights()
     return run(rows, qw) if run is not None else _row_importance_weights_eager(rows, qw)
+
+
+def _qx_row_levels_eager(rows: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = row_importance_weights(rows, qw)
+    d, L = make_qx(_pos_major(rows.reshape(-1, 32)), _pos_major(w.reshape(-1, 32)), nmax, gapped=True)
+    return d, ungap33(L).t().to(torch.uint8)
+
+
+@functools.cache
+def fused_qx_rows() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """The C++ make_qx_quants on rows with their importance weights made on the fly, once it
+    has matched the array code bit for bit on probe rows here (Q4_0's and Q5_0's nmax, one
+    importance vector for all rows and one per row); else None."""
+    kernel = fused_kernel.compiled_qx_rows()
+    if kernel is None:
+        return None
+
+    def run(rows, qw, nmax):
+        return fused_kernel.qx_rows_cpp(kernel, rows, qw, qx_numerators(nmax), nmax, GROUP_MAX_EPS)
+
+    def flat(pair):
+        return torch.cat([pair[0].unsqueeze(1), pair[1].to(_F32)], dim=1)
+
+    def eager(rows, qw, nmax):
+        w = _row_importance_weights_eager(rows, qw)
+        d, L = make_qx(_pos_major(rows.reshape(-1, 32)), _pos_major(w.reshape(-1, 32)), nmax, gapped=True, fused=False)
+        return flat((d, ungap33(L).t().to(torch.uint8)))
+
+    x, w = _adversarial_blocks(4101, seed=23)
+    rows, per_row = x[:4096].reshape(8, 16384), w[:4096].reshape(8, 16384)
+    one = torch.rand(1, 16384, generator=torch.Generator().manual_seed(5)).add_(0.05).expand(8, 16384)
+    probes = [[rows, one, 8], [rows, per_row, 16], [x, w, 16], [rows[:, :544], per_row[:, :544], 8]]
+    return matching_kernel("make_qx_quants on importance-weighted rows", lambda *p: flat(run(*p)), run, eager, probes)
+
+
+def qx_row_levels(rows: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(32, nmax, x, L, 1, w) on every block of rows [m, k], w the _impl weights
+    qw*sqrt(sigma2 + x^2): (scale [m*k/32], levels + nmax uint8 [m*k/32, 32], 0 for all-zero
+    blocks). C++ where available and exact here."""
+    run = fused_qx_rows()
+    return run(rows, qw, nmax) if run is not None else _qx_row_levels_eager(rows, qw, nmax)
+
+
+def qx_impl_rows(rows: torch.Tensor, qw: torch.Tensor, nmax: int, pack, type_size: int) -> torch.Tensor:
+    """quantize_row_<type>_impl of the make_qx_quants types (Q4_0, Q5_0) on each row of rows
+    [m, k] with importance qw [m, k]; pack(scale, levels) -> uint8 [blocks, type_size]."""
+    m, k = rows.shape
+    out = torch.empty((m, k // 32 * type_size), dtype=torch.uint8)
+    for a, b in chunk_ranges(m, max(1, DEFAULT_CHUNK_WEIGHTS // 4 // k)):
+        out[a:b] = pack(*qx_row_levels(rows[a:b], qw[a:b], nmax)).view(b - a, -1)
+    return out
 
 
 def _pos_major(blocks: torch.Tensor) -> torch.Tensor:
@@ -271,10 +310,9 @@ def _fifth_bits(L: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """qs [n, 16] -> levels [n, 32] uint8."""
-    n = qs.shape[0]
-    q = qs.reshape(n, 1, 16)
-    return torch.cat([q & 0xF, q >> 4], dim=1).reshape(n, 32)
+    """qs [n, 16] -> levels [n, 32] uint8, four bytes at a time in int32 words."""
+    v = qs.contiguous().view(torch.int32)  # [n, 4]
+    return torch.cat([v & 0x0F0F0F0F, (v >> 4) & 0x0F0F0F0F], dim=1).view(torch.uint8)
 
 
 def _unpack_fifth_bits(qh: torch.Tensor) -> torch.Tensor:
@@ -364,8 +402,11 @@ class _RowSigmaBlock32(GGMLType):
         raise NotImplementedError
 
     @classmethod
-    def prepare(cls) -> None:
-        ref32_kernel.compiled_encoder(cls.__name__, ref32_kernel.bucket_blocks(), cls._eager_ref_chunks)
+    def prepare(cls, imatrix=False):
+        if not imatrix:
+            ref32_kernel.compiled_encoder(cls.__name__, ref32_kernel.bucket_blocks(), cls._eager_ref_chunks)
+            return
+        fused_row_weights()
         if cls.fused_search:
             fused_search_available()
 
@@ -434,7 +475,7 @@ class Q4_1(_RowSigmaBlock32):
     def dequantize_blocks(cls, blocks):
         d = fp16_from_bytes(blocks[:, 0:2])
         m = fp16_from_bytes(blocks[:, 2:4])
-        return d * _unpack_nibbles(blocks[:, 4:20]).to(_F32) + m
+        return _unpack_nibbles(blocks[:, 4:20]).to(_F32).mul_(d).add_(m)
 
 
 class Q5_0(_RowSigmaBlock32):
@@ -449,21 +490,22 @@ class Q5_0(_RowSigmaBlock32):
         return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
 
     @classmethod
-    def prepare(cls) -> None:
-        super().prepare()
-        fused_qx()
+    def prepare(cls, imatrix=False):
+        if imatrix:
+            fused_qx_rows()
+        else:
+            super().prepare(imatrix)
 
     @classmethod
-    def _encode_search(cls, x, w):
-        d, L = make_qx(_pos_major(x), _pos_major(w), 16, gapped=True)
-        L = ungap33(L).t().to(torch.uint8)
-        return torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1)
+    def _impl_rows(cls, rows, qw):
+        return qx_impl_rows(rows, qw, 16, lambda d, L: torch.cat([fp16_bytes(d), _fifth_bits(L), _nibbles(L)], dim=1),
+                            cls.type_size)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
         d = fp16_from_bytes(blocks[:, 0:2])
         q = _unpack_nibbles(blocks[:, 6:22]) | _unpack_fifth_bits(blocks[:, 2:6])
-        return d * (q.to(torch.int8) - 16).to(_F32)
+        return q.to(_F32).sub_(16.0).mul_(d)
 
 
 class Q5_1(_RowSigmaBlock32):
@@ -488,7 +530,7 @@ class Q5_1(_RowSigmaBlock32):
         d = fp16_from_bytes(blocks[:, 0:2])
         m = fp16_from_bytes(blocks[:, 2:4])
         q = _unpack_nibbles(blocks[:, 8:24]) | _unpack_fifth_bits(blocks[:, 4:8])
-        return d * q.to(_F32) + m
+        return q.to(_F32).mul_(d).add_(m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +562,7 @@ class IQ4_NL(GGMLType):
     uses_imatrix = True
 
     @classmethod
-    def prepare(cls) -> None:
+    def prepare(cls, imatrix=False):
         iq4.compiled_search_available()
 
     @classmethod
@@ -547,4 +589,4 @@ class IQ4_NL(GGMLType):
     def dequantize_blocks(cls, blocks):
         d = fp16_from_bytes(blocks[:, 0:2])
         values = torch.tensor(KVALUES_IQ4NL, dtype=_F32, device=blocks.device)
-        return d * values[_unpack_nibbles(blocks[:, 2:18]).to(torch.int64)]
+        return values[_unpack_nibbles(blocks[:, 2:18]).to(torch.int64)].mul_(d)

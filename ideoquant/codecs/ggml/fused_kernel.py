@@ -6,7 +6,9 @@
 * `qp_search_cpp`: make_qp_quants whole (the scales of Q4_K/Q5_K and Q2_K with an
   importance matrix), and `imatrix_weights_cpp`, the importance weights of Q4_K/Q5_K, in
   the same C++ source;
-* `qx_search_cpp`: make_qx_quants (Q6_K; Q3_K, Q4_0 and Q5_0 with an importance matrix);
+* `qx_search_cpp`: make_qx_quants (Q6_K; Q3_K with an importance matrix), and `qx_rows_cpp`,
+  the same on the 32-weight blocks of whole rows with their importance weights (Q4_0 and
+  Q5_0 with an importance matrix);
   `q3_search_cpp`: make_q3_quants (Q3_K without one); `qkx16_fit_cpp`: make_qkx on Q2_K's
   16-weight sub-blocks; `k32_fit_cpp`, `k32_levels_cpp`: the whole search and final levels
   of Q4_K/Q5_K.
@@ -605,6 +607,48 @@ extern "C" void qx_search(const float* x, int64_t ldx, const float* w, int64_t l
     }
 }
 
+/* make_qx_quants on every 32-weight block of the rows x [m, k] (Q4_0 and Q5_0 with an
+   importance matrix), with the _impl encoders' weights qw*sqrtf(sigma2 + x^2) made on the fly
+   in row_weights' arithmetic (sigma2 = sum(x^2)/k in order over the row; qw rows ldq apart,
+   0: one vector for every row). Each vector of blocks is turned into qx_group's gapped
+   position-major layout in a local buffer, so the search is qx_group's. scale [m*k/32];
+   L [m*k/32, 32] = levels + nmax (0 for all-zero blocks). */
+extern "C" void qx_rows(const float* x, int64_t m, int64_t k, const float* qw, int64_t ldq, float* scale,
+                        uint8_t* L, const float* cs, int64_t ncand, float nmax, float eps, int64_t threads) {
+    const int64_t nb = k / 32, groups = (nb + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+        const float* xr = x + i * k;
+        const float* q = qw + i * ldq;
+        float s = 0.0f;
+        for (int64_t j = 0; j < k; ++j) s = s + xr[j] * xr[j]; /* in order: no reassociation */
+        const float sigma2 = s / (float)k;
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t b0 = g * LANES;
+            const int mb = (int)(nb - b0 < LANES ? nb - b0 : LANES);
+            float xt[33 * LANES], wt[33 * LANES], out[34 * LANES];
+            memset(xt, 0, sizeof xt);
+            memset(wt, 0, sizeof wt);
+            for (int j = 0; j < mb; ++j) {
+                const int64_t base = (b0 + j) * 32;
+                for (int r = 0; r < 32; ++r) {
+                    const int row = r + (r >= 16);
+                    const float v = xr[base + r];
+                    xt[row * LANES + j] = v;
+                    wt[row * LANES + j] = q[base + r] * __builtin_sqrtf(v * v + sigma2);
+                }
+            }
+            qx_group(xt, LANES, wt, LANES, 33, LANES, out, 0, LANES, cs, (int)ncand, nmax, eps);
+            for (int j = 0; j < mb; ++j) {
+                const int64_t blk = i * nb + b0 + j;
+                scale[blk] = out[j];
+                uint8_t* lb = L + blk * 32;
+                for (int r = 0; r < 32; ++r) lb[r] = (uint8_t)out[(1 + r + (r >= 16)) * LANES + j];
+            }
+        }
+    }
+}
+
 /* make_q3_quants(n, nmax, do_rmse = true) on the LANES columns from b0 on (m exist) of x
    [n, C] (n <= 16), as `kquants23.make_q3` computes it: out [1 + n, C] = scale, then
    L + nmax (0 for all-zero blocks). */
@@ -819,6 +863,8 @@ def search_library():
         lib.qkx16_fit.restype = None
         lib.qx_search.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, i64]
         lib.qx_search.restype = None
+        lib.qx_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, i64]
+        lib.qx_rows.restype = None
         lib.q3_search.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
         lib.q3_search.restype = None
         lib.row_weights.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64]
@@ -962,6 +1008,28 @@ def qx_search_cpp(kernel: Callable[..., None], X: torch.Tensor, W: torch.Tensor,
     return out
 
 
+def compiled_qx_rows() -> Callable[..., None] | None:
+    """The C++ make_qx_quants on rows with their _impl importance weights (`qx_rows_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.qx_rows
+
+
+def qx_rows_cpp(kernel: Callable[..., None], x: torch.Tensor, qw: torch.Tensor, numerators: torch.Tensor,
+                nmax: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants on every 32-weight block of x [m, k] with weights qw*sqrt(sigma2 + x^2)
+    (qw [m, k], or a [1, k] row expanded over m): (scale float32 [m*k/32], levels + nmax
+    uint8 [m*k/32, 32])."""
+    x = x.to(torch.float32).contiguous()
+    m, k = x.shape
+    qw, ldq = _row_operand(qw, m, k)
+    scale = torch.empty(m * k // 32, dtype=torch.float32)
+    levels = torch.empty((m * k // 32, 32), dtype=torch.uint8)
+    cs = numerators.to(torch.float32).contiguous()
+    kernel(x.data_ptr(), m, k, qw.data_ptr(), ldq, scale.data_ptr(), levels.data_ptr(), cs.data_ptr(), cs.numel(),
+           float(nmax), float(eps), max(1, torch.get_num_threads()))
+    return scale, levels
+
+
 def compiled_q3() -> Callable[..., None] | None:
     """The C++ make_q3_quants (`q3_search_cpp`'s kernel), or None."""
     lib = search_library()
@@ -986,16 +1054,19 @@ def compiled_row_weights() -> Callable[..., None] | None:
     return None if lib is None else lib.row_weights
 
 
+def _row_operand(qw: torch.Tensor, m: int, k: int) -> tuple[torch.Tensor, int]:
+    """qw as the kernels take it: float32 rows ldq apart, ldq 0 for one [1, k] row expanded over m."""
+    if qw.dtype == torch.float32 and qw.dim() == 2 and qw.shape == (m, k) and qw.stride() == (0, 1):
+        return qw, 0
+    return qw.to(torch.float32).expand(m, k).contiguous(), k
+
+
 def row_weights_cpp(kernel: Callable[..., None], x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     """qw*sqrt(sigma2 + x^2) for x [m, k], sigma2 each row's mean square; qw [m, k] or a [1, k]
     row expanded over m (stride 0)."""
     x = x.to(torch.float32).contiguous()
     m, k = x.shape
-    if qw.dim() == 2 and qw.shape[0] == m and qw.stride(0) == 0 and qw.stride(1) == 1:
-        ldq = 0
-    else:
-        qw = qw.to(torch.float32).expand(m, k).contiguous()
-        ldq = k
+    qw, ldq = _row_operand(qw, m, k)
     w = torch.empty((m, k), dtype=torch.float32)
     kernel(x.data_ptr(), m, k, qw.data_ptr(), ldq, w.data_ptr(), max(1, torch.get_num_threads()))
     return w

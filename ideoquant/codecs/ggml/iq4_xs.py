@@ -65,7 +65,7 @@ class IQ4_XS(_KQuant):
     type_size = 136
 
     @classmethod
-    def prepare(cls) -> None:
+    def prepare(cls, imatrix=False):
         iq4.compiled_search_available()
 
     @classmethod
@@ -104,4 +104,4 @@ class IQ4_XS(_KQuant):
         dl = (d * sc.to(_F32)).reshape(n, 8, 1)
         qs = blocks[:, 8:].reshape(n, 8, 1, 16) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev).view(1, 1, 2, 1)
         q = (qs.reshape(n, 8, 32) & 0xF).to(torch.int64)
-        return (dl * _VALUES.to(dev)[q]).reshape(n, QK_K)
+        return _VALUES.to(dev)[q].mul_(dl).reshape(n, QK_K)

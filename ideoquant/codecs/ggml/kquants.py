@@ -446,7 +446,7 @@ class _KQuant(GGMLType):
     fused_search: bool = False
 
     @classmethod
-    def prepare(cls) -> None:
+    def prepare(cls, imatrix=False):
         if cls.fused_search:
             fused_search_available()
             fused_k32()
@@ -533,9 +533,10 @@ class Q4_K(_KQuant):
     def dequantize_blocks(cls, blocks):
         n = blocks.shape[0]
         dl, ml = _k4_scales_and_mins(blocks)
-        qs = blocks[:, 16:].reshape(n, 4, 1, 32)
-        q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).to(_F32)
-        return (dl * q - ml).reshape(n, QK_K)
+        # Four levels at a time in int32 words; in place, so no new pages per step.
+        v = blocks[:, 16:].contiguous().view(torch.int32).reshape(n, 4, 1, 8)
+        q = torch.cat([v & 0x0F0F0F0F, (v >> 4) & 0x0F0F0F0F], dim=2).view(torch.uint8).reshape(n, 8, 32).to(_F32)
+        return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 class Q5_K(_KQuant):
@@ -559,7 +560,7 @@ class Q5_K(_KQuant):
         shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(1, 8, 1)
         hi = (qh >> shifts) & 1
         q = (lo | (hi << 4)).to(_F32)
-        return (dl * q - ml).reshape(n, QK_K)
+        return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 class Q6_K(_KQuant):
@@ -583,6 +584,6 @@ class Q6_K(_KQuant):
         lo = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(n, 2, 4, 32)
         shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
         hi = (qh >> shifts) & 3  # [n, 2, 4, 32]
-        q = ((lo | (hi << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(_F32)
-        return (dl * q).reshape(n, QK_K)
+        q = (lo | (hi << 4)).reshape(n, 16, 16).to(_F32).sub_(32.0)
+        return q.mul_(dl).reshape(n, QK_K)
 

@@ -437,7 +437,7 @@ class Q2_K(_KQuant):
         ml = (dmin * (scales >> 4).to(_F32)).reshape(n, 16, 1)
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
         q = ((blocks[:, 16:80].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 16, 16).to(_F32)
-        return (dl * q - ml).reshape(n, QK_K)
+        return q.mul_(dl).sub_(ml).reshape(n, QK_K)  # in place: no new pages per step
 
 
 class Q3_K(_KQuant):
@@ -465,4 +465,4 @@ class Q3_K(_KQuant):
         shifts1 = torch.arange(8, dtype=torch.uint8, device=dev).view(1, 1, 8, 1)
         qh = ((hmask.reshape(n, 1, 1, 32) >> shifts1).reshape(n, 16, 16) & 1) ^ 1
         q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).to(_F32)
-        return (dl * q).reshape(n, QK_K)
+        return q.mul_(dl).reshape(n, QK_K)

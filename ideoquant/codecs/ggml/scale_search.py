@@ -518,7 +518,7 @@ def make_qkx_all(X, W, xmin, xmax, sum_w, sum_x, nmax, rmin, rdelta, nstep, qkx3
 _QX_STEPS = [0] + [s for s in range(-9, 10) if s != 0]
 
 
-def _qx_numerators(nmax: int) -> torch.Tensor:
+def qx_numerators(nmax: int) -> torch.Tensor:
     """make_qx_quants' candidate numerators -(nmax + 0.1f*is) for is in _QX_STEPS, float32."""
     nmax32 = np.float32(nmax)
     return torch.tensor([-(nmax32 + np.float32(0.1) * np.float32(s)) for s in _QX_STEPS], dtype=_F32)
@@ -556,7 +556,7 @@ def make_qx(X: torch.Tensor, W: torch.Tensor, nmax: int, gapped: bool,
     matched this code here (`fused_qx`); `fused`: True, False (never), or the kernel."""
     kernel = fused if callable(fused) else (fused_qx() if fused else None)
     if kernel is not None:
-        out = fused_kernel.qx_search_cpp(kernel, X, W, _qx_numerators(nmax), nmax, GROUP_MAX_EPS)
+        out = fused_kernel.qx_search_cpp(kernel, X, W, qx_numerators(nmax), nmax, GROUP_MAX_EPS)
         return out[0], out[1:]
     rows, B = X.shape
     lo, hi = -float(nmax), float(nmax - 1)
