@@ -15,6 +15,8 @@ from ideoquant.codecs.ggml import blocks32 as b32
 from ideoquant.codecs.ggml import fused_kernel, iq4, ref32_kernel
 from ideoquant.codecs.ggml.registry import ggml_type
 
+from .conftest import clear_native_kernels
+
 
 def _best_index_int8_c(x: np.float32) -> int:
     """ggml's best_index_int8(16, kvalues_iq4nl, x), step by step in float32."""
@@ -94,7 +96,7 @@ def test_quantize_blocks_treats_each_block_as_a_row():
 
 DATA = Path(__file__).parent / "data" / "ggml_quants.npz"
 needs_compiler = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler"
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="the kernels need a C++ compiler"
 )
 
 
@@ -166,16 +168,26 @@ def _tiled_reference(qtype: str, blocks: int, path: str = "") -> tuple[np.ndarra
     return np.tile(rows, (reps, 1)), np.tile(want, (reps, 1))
 
 
+@pytest.fixture
+def fresh_kernels():
+    """Forget which C++ kernels were built and checked, before and after the test."""
+    clear_native_kernels()
+    yield
+    clear_native_kernels()
+
+
 @needs_compiler
 @pytest.mark.parametrize("qtype", REF_TYPES)
 def test_compiled_ref_encoder_matches_ggml(qtype, monkeypatch):
-    """ggml's bytes for every reference row, tiled to fill whole buckets of the compiled kernel."""
-    rows, want = _tiled_reference(qtype, 2 * ref32_kernel.bucket_blocks())
+    """ggml's bytes for every reference row, tiled, through the C++ `_ref` encoder (counted)."""
+    rows, want = _tiled_reference(qtype, 20011)
+    assert ref32_kernel.compiled_encoder(qtype, ggml_type(qtype)._eager_ref_chunks if qtype != "Q4_0"
+                                         else b32._encode_q4_0_ref) is not None
     used = []
-    real = ref32_kernel.compiled_encoder
-    monkeypatch.setattr(ref32_kernel, "compiled_encoder", lambda *a: used.append(real(*a)) or used[-1])
+    real = fused_kernel.ref32_cpp
+    monkeypatch.setattr(fused_kernel, "ref32_cpp", lambda *a: used.append(1) or real(*a))
     got = ggml_type(qtype).quantize_rows(torch.from_numpy(rows)).numpy()
-    assert used and all(step is not None for step in used), "the compiled kernel was not used"
+    assert used, "the C++ kernel was not used"
     assert np.array_equal(got, want)
 
 
@@ -195,18 +207,26 @@ def _signed_zero_blocks() -> tuple[torch.Tensor, list[int]]:
     return x, m_bits
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
-def test_a_zero_min_keeps_the_sign_of_the_first_zero(qtype, compiled, monkeypatch):
+def _ref_encode_counted(qtype: str, x: torch.Tensor, compiled: bool, monkeypatch) -> np.ndarray:
+    """quantize_blocks(x) without an importance matrix, with the C++ kernel on or off (and
+    whether it ran checked)."""
     if not compiled:
         monkeypatch.setenv("IDEOQUANT_FUSED", "0")
-    ref32_kernel.compiled_encoder.cache_clear()
-    try:
-        x, m_bits = _signed_zero_blocks()
-        n = ref32_kernel.bucket_blocks() if compiled else x.shape[0]
-        got = ggml_type(qtype).quantize_blocks(x.repeat(-(-n // x.shape[0]), 1)).numpy()[: x.shape[0]]
-    finally:
-        ref32_kernel.compiled_encoder.cache_clear()
+    used = []
+    real = fused_kernel.ref32_cpp
+    monkeypatch.setattr(fused_kernel, "ref32_cpp", lambda *a: used.append(1) or real(*a))
+    ggml_type(qtype).prepare()  # the self-check runs here, before counting
+    used.clear()
+    got = ggml_type(qtype).quantize_blocks(x).numpy()
+    assert bool(used) == compiled
+    return got
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+def test_a_zero_min_keeps_the_sign_of_the_first_zero(qtype, compiled, monkeypatch, fresh_kernels):
+    x, m_bits = _signed_zero_blocks()
+    got = _ref_encode_counted(qtype, x, compiled, monkeypatch)
     m = got[:, 2].astype(np.int32) | (got[:, 3].astype(np.int32) << 8)
     for i, want in enumerate(m_bits):
         if want is not None:
@@ -217,34 +237,26 @@ def test_a_zero_min_keeps_the_sign_of_the_first_zero(qtype, compiled, monkeypatc
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0"])
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
-def test_tied_magnitudes_take_the_first_one(qtype, compiled, monkeypatch):
+def test_tied_magnitudes_take_the_first_one(qtype, compiled, monkeypatch, fresh_kernels):
     """d = max / -half with max the first element of largest |x|: -a first gives d > 0."""
-    if not compiled:
-        monkeypatch.setenv("IDEOQUANT_FUSED", "0")
-    ref32_kernel.compiled_encoder.cache_clear()
-    try:
-        x, _ = _signed_zero_blocks()
-        n = ref32_kernel.bucket_blocks() if compiled else x.shape[0]
-        got = ggml_type(qtype).quantize_blocks(x.repeat(-(-n // x.shape[0]), 1)).numpy()[: x.shape[0]]
-    finally:
-        ref32_kernel.compiled_encoder.cache_clear()
+    x, _ = _signed_zero_blocks()
+    got = _ref_encode_counted(qtype, x, compiled, monkeypatch)
     half = 8 if qtype == "Q4_0" else 16
     d = got[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
     assert d[4] == np.float32(np.float16(2.0 / -half)) and d[5] == np.float32(np.float16(-2.0 / -half))
 
 
-def test_a_compiled_ref_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
-    def off_by_one(x):
-        out, redo = ref32_kernel.q4_1_ref(x)
-        return out ^ 1, redo
+@needs_compiler
+def test_a_compiled_ref_kernel_that_disagrees_is_not_used(monkeypatch, caplog, fresh_kernels):
+    real = fused_kernel.ref32_cpp
 
-    ref32_kernel.compiled_encoder.cache_clear()
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: off_by_one)
-    try:
-        assert ref32_kernel.compiled_encoder("Q4_1", 4096, ggml_type("Q4_1")._eager_ref_chunks) is None
-        assert "compiled Q4_1 kernel not used" in caplog.text
-    finally:
-        ref32_kernel.compiled_encoder.cache_clear()
+    def off_by_one(*a):
+        out, d, m = real(*a)
+        return out ^ 1, d, m
+
+    monkeypatch.setattr(fused_kernel, "ref32_cpp", off_by_one)
+    assert ref32_kernel.compiled_encoder("Q4_1", ggml_type("Q4_1")._eager_ref_chunks) is None
+    assert "compiled Q4_1 kernel not used" in caplog.text
 
 
 @needs_compiler

@@ -116,7 +116,7 @@ class Q4_0(GGMLType):
         if imatrix:
             fused_qx_rows()
         else:
-            ref32_kernel.compiled_encoder("Q4_0", ref32_kernel.bucket_blocks(), _encode_q4_0_ref)
+            ref32_kernel.compiled_encoder("Q4_0", _encode_q4_0_ref)
 
     @classmethod
     def quantize_blocks(cls, blocks, weights=None):
@@ -124,7 +124,7 @@ class Q4_0(GGMLType):
         as a row of its own (ggml's sigma2 is a per-row quantity; see quantize_rows)."""
         blocks = cpu32(blocks).reshape(-1, 32)
         if weights is None:
-            return ref32_kernel.encode_blocks("Q4_0", blocks, _encode_q4_0_ref, cls.type_size)
+            return ref32_kernel.encode_blocks("Q4_0", blocks, _encode_q4_0_ref)
         return cls._impl_rows(blocks, cpu32(weights).reshape(-1, 32))
 
     @classmethod
@@ -134,7 +134,7 @@ class Q4_0(GGMLType):
             raise ValueError(f"{cls.__name__}: row length {k} is not a multiple of {cls.block_size}")
         rows = cpu32(rows)
         if imatrix is None:
-            return ref32_kernel.encode_blocks("Q4_0", rows.reshape(-1, 32), _encode_q4_0_ref, cls.type_size).reshape(m, -1)
+            return ref32_kernel.encode_blocks("Q4_0", rows.reshape(-1, 32), _encode_q4_0_ref).reshape(m, -1)
         qw = cpu32(imatrix).reshape(1, k).expand(m, k)
         return cls._impl_rows(rows, qw)
 
@@ -404,7 +404,7 @@ class _RowSigmaBlock32(GGMLType):
     @classmethod
     def prepare(cls, imatrix=False):
         if not imatrix:
-            ref32_kernel.compiled_encoder(cls.__name__, ref32_kernel.bucket_blocks(), cls._eager_ref_chunks)
+            ref32_kernel.compiled_encoder(cls.__name__, cls._eager_ref_chunks)
             return
         fused_row_weights()
         if cls.fused_search:
@@ -430,8 +430,8 @@ class _RowSigmaBlock32(GGMLType):
 
     @classmethod
     def _ref_chunks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        """The `_ref` encoder on blocks [n, 32]: compiled in buckets where available."""
-        return ref32_kernel.encode_blocks(cls.__name__, blocks, cls._eager_ref_chunks, cls.type_size)
+        """The `_ref` encoder on blocks [n, 32]: C++ where available and exact here."""
+        return ref32_kernel.encode_blocks(cls.__name__, blocks, cls._eager_ref_chunks)
 
     @classmethod
     def _eager_ref_chunks(cls, blocks: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,10 @@
 * `qx_search_cpp`: make_qx_quants (Q6_K; Q3_K with an importance matrix), and `qx_rows_cpp`,
   the same on the 32-weight blocks of whole rows with their importance weights (Q4_0 and
   Q5_0 with an importance matrix);
-  `q3_search_cpp`: make_q3_quants (Q3_K without one); `qkx16_fit_cpp`: make_qkx on Q2_K's
+* `q3_search_cpp`: make_q3_quants (Q3_K without one); `qkx16_fit_cpp`: make_qkx on Q2_K's
   16-weight sub-blocks; `k32_fit_cpp`, `k32_levels_cpp`: the whole search and final levels
-  of Q4_K/Q5_K.
+  of Q4_K/Q5_K;
+* `ref32_cpp`: the `_ref` encoders of Q4_0, Q4_1, Q5_0 and Q5_1 (no importance matrix).
 
 Exactness. Each kernel is float32 arithmetic in ggml's order: products and sums are spelled
 out one position after the other, never as reductions, and the C++ is built with IEEE
@@ -649,6 +650,58 @@ extern "C" void qx_rows(const float* x, int64_t m, int64_t k, const float* qw, i
     }
 }
 
+/* ggml's quantize_row_<type>_ref for kind 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1 on blocks x [B, 32]:
+   out [B, type_size] with the level bytes written (qh, then qs) and the fp16 header left to
+   the caller, which rounds d [B] (and the min m [B]) as ggml's FP32_TO_FP16 does. ggml's
+   scalar code, block by block: the first element of largest |x| (a strict `<`), the min and
+   max scanned in order from +-FLT_MAX, `d ? 1.0f/d : 0.0f`, levels MIN(nmax, (int)(t)). */
+extern "C" void ref32_encode(const float* x, int64_t B, int64_t kind, uint8_t* out, float* d_out, float* m_out,
+                             int64_t threads) {
+    const int five = kind >= 2, affine = (int)(kind & 1);
+    const int64_t size = 18 + 2 * kind;
+    const int nmax = five ? 31 : 15;
+    const float add = affine ? 0.5f : (five ? 16.5f : 8.5f);
+    const float div = affine ? (float)nmax : (five ? -16.0f : -8.0f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+        const float* v = x + b * 32;
+        float d, mn = 0.0f;
+        if (affine) {
+            float lo = 3.402823466e+38f, hi = -3.402823466e+38f;
+            for (int j = 0; j < 32; ++j) {
+                if (v[j] < lo) lo = v[j];
+                if (v[j] > hi) hi = v[j];
+            }
+            d = (hi - lo) / div;
+            mn = lo;
+        } else {
+            float amax = 0.0f, mx = 0.0f;
+            for (int j = 0; j < 32; ++j) {
+                const float a = __builtin_fabsf(v[j]);
+                if (amax < a) { amax = a; mx = v[j]; }
+            }
+            d = mx / div;
+        }
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        d_out[b] = d;
+        m_out[b] = mn;
+        uint8_t L[32];
+        for (int j = 0; j < 32; ++j) {
+            const float t = affine ? (v[j] - mn) * id + add : v[j] * id + add;
+            const int l = (int)t;
+            L[j] = (uint8_t)(l < nmax ? l : nmax);
+        }
+        uint8_t* q = out + b * size + (affine ? 4 : 2);
+        if (five) {
+            uint32_t qh = 0;
+            for (int j = 0; j < 32; ++j) qh |= (uint32_t)((L[j] >> 4) & 1) << j;
+            memcpy(q, &qh, 4); /* little-endian, as ggml's memcpy */
+            q += 4;
+        }
+        for (int j = 0; j < 16; ++j) q[j] = (uint8_t)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4));
+    }
+}
+
 /* make_q3_quants(n, nmax, do_rmse = true) on the LANES columns from b0 on (m exist) of x
    [n, C] (n <= 16), as `kquants23.make_q3` computes it: out [1 + n, C] = scale, then
    L + nmax (0 for all-zero blocks). */
@@ -865,6 +918,8 @@ def search_library():
         lib.qx_search.restype = None
         lib.qx_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, i64]
         lib.qx_rows.restype = None
+        lib.ref32_encode.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
+        lib.ref32_encode.restype = None
         lib.q3_search.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
         lib.q3_search.restype = None
         lib.row_weights.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64]
@@ -1028,6 +1083,28 @@ def qx_rows_cpp(kernel: Callable[..., None], x: torch.Tensor, qw: torch.Tensor, 
     kernel(x.data_ptr(), m, k, qw.data_ptr(), ldq, scale.data_ptr(), levels.data_ptr(), cs.data_ptr(), cs.numel(),
            float(nmax), float(eps), max(1, torch.get_num_threads()))
     return scale, levels
+
+
+def compiled_ref32() -> Callable[..., None] | None:
+    """ggml's `_ref` encoders of Q4_0, Q4_1, Q5_0 and Q5_1 in C++ (`ref32_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.ref32_encode
+
+
+# ref32_encode's kind and block bytes per type.
+REF32_KINDS = {"Q4_0": (0, 18), "Q4_1": (1, 20), "Q5_0": (2, 22), "Q5_1": (3, 24)}
+
+
+def ref32_cpp(kernel: Callable[..., None], name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `_ref` encoder of `name` on blocks x [B, 32]: (block bytes uint8 [B, type_size] with
+    the fp16 header bytes unwritten, d float32 [B], the min float32 [B] (Q4_1, Q5_1))."""
+    kind, size = REF32_KINDS[name]
+    x = x.to(torch.float32).contiguous()
+    B = x.shape[0]
+    out = torch.empty((B, size), dtype=torch.uint8)
+    d, m = torch.empty(B, dtype=torch.float32), torch.empty(B, dtype=torch.float32)
+    kernel(x.data_ptr(), B, kind, out.data_ptr(), d.data_ptr(), m.data_ptr(), max(1, torch.get_num_threads()))
+    return out, d, m
 
 
 def compiled_q3() -> Callable[..., None] | None:
