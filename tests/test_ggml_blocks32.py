@@ -103,7 +103,7 @@ needs_compiler = pytest.mark.skipif(
 @needs_compiler
 @pytest.mark.parametrize("path", ["", "+imatrix_ones", "+imatrix_random"])
 def test_compiled_iq4_search_matches_ggml(path, monkeypatch):
-    """Every ggml reference row for IQ4_NL, tiled to fill whole buckets, through the compiled sums."""
+    """Every ggml reference row for IQ4_NL, tiled over several search chunks, through the C++ sums."""
     with np.load(DATA) as z:
         cases = sorted({k.split("/")[1] for k in z.files if k.startswith("n512/") and k.endswith("/IQ4_NL")})
         rows = np.concatenate([z[f"n512/{c}/input"] for c in cases])
@@ -112,26 +112,23 @@ def test_compiled_iq4_search_matches_ggml(path, monkeypatch):
     reps = -(-iq4.bucket_blocks() * 32 // rows.size) + 1
     used = []
     real = iq4._run
-    monkeypatch.setattr(iq4, "_run", lambda step, *a: used.append(step is not iq4.candidate_sums) or real(step, *a))
+    monkeypatch.setattr(iq4, "_run", lambda step, *a: used.append(step is not iq4.eager_candidate_sums) or real(step, *a))
     got = ggml_type("IQ4_NL").quantize_rows(torch.from_numpy(np.tile(rows, (reps, 1))), imatrix).numpy()
-    assert any(used), "the compiled kernel was not used"
+    assert used and all(used), "the C++ kernel was not used"
     assert np.array_equal(got, np.tile(want, (reps, 1)))
 
 
-def test_a_compiled_iq4_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
-    real = iq4.candidate_sums
+@needs_compiler
+def test_a_compiled_iq4_kernel_that_disagrees_is_not_used(monkeypatch, caplog, fresh_kernels):
+    real = fused_kernel.iq4_sums_cpp
 
-    def off_by_one_ulp(x, w, iscales, lut):
-        out = real(x, w, iscales, lut)
+    def off_by_one_ulp(*a):
+        out = real(*a)
         return torch.nextafter(out, torch.full_like(out, float("inf")))
 
-    iq4.compiled_candidate_sums.cache_clear()
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: off_by_one_ulp)
-    try:
-        assert iq4.compiled_candidate_sums(iq4.bucket_blocks()) is None
-        assert "compiled IQ4 kernel not used" in caplog.text
-    finally:
-        iq4.compiled_candidate_sums.cache_clear()
+    monkeypatch.setattr(fused_kernel, "iq4_sums_cpp", off_by_one_ulp)
+    assert iq4.compiled_candidate_sums() is None
+    assert "compiled IQ4 kernel not used" in caplog.text
 
 
 def test_signed_absmax_takes_the_first_of_tied_magnitudes():

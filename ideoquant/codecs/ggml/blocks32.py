@@ -287,7 +287,7 @@ def _encode_block_chunks(
 
 def _iq4_bucket() -> int | None:
     bucket = iq4.bucket_blocks()
-    return bucket if iq4.compiled_candidate_sums(bucket) is not None else None
+    return bucket if iq4.compiled_candidate_sums() is not None else None
 
 
 def _nibbles(L: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@
 * `q3_search_cpp`: make_q3_quants (Q3_K without one); `qkx16_fit_cpp`: make_qkx on Q2_K's
   16-weight sub-blocks; `k32_fit_cpp`, `k32_levels_cpp`: the whole search and final levels
   of Q4_K/Q5_K;
-* `ref32_cpp`: the `_ref` encoders of Q4_0, Q4_1, Q5_0 and Q5_1 (no importance matrix).
+* `ref32_cpp`: the `_ref` encoders of Q4_0, Q4_1, Q5_0 and Q5_1 (no importance matrix);
+  `iq4_sums_cpp`: the candidate sums of the IQ4_NL/IQ4_XS scale search.
 
 Exactness. Each kernel is float32 arithmetic in ggml's order: products and sums are spelled
 out one position after the other, never as reductions, and the C++ is built with IEEE
@@ -702,6 +703,43 @@ extern "C" void ref32_encode(const float* x, int64_t B, int64_t kind, uint8_t* o
     }
 }
 
+/* iq4.candidate_sums on every block of x, w [33, B] (gapped position-major, rows ldx and ldw
+   apart, row 16 scratch) and candidate iscales [C, B]: out [2, C, B] = sumqx, then sumq2, each
+   summed over the 32 positions in order from 0.0f. q, the codebook value best_index_int8 picks
+   for al = iscale*x, is values[0] plus every step values[k+1] - values[k] whose doubled midpoint
+   mid2[k] the doubled al reaches (small integers: exact in float32; |al| <= 134 here). */
+extern "C" void iq4_candidate_sums(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t B,
+                                   const float* iscales, int64_t C, const float* mid2, const float* steps,
+                                   float v0, float* out, int64_t threads) {
+    const int64_t groups = (B + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * LANES;
+        const int m = (int)(B - b0 < LANES ? B - b0 : LANES);
+        const vf zero = {0}, two = zero + 2.0f, first = zero + v0;
+        vf xs[32], ws[32];
+        for (int r = 0; r < 32; ++r) {
+            const int row = r + (r >= 16);
+            xs[r] = load_n(x + row * ldx, b0, m);
+            ws[r] = load_n(w + row * ldw, b0, m);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+            const vf isc = load_n(iscales + c * B, b0, m);
+            vf sqx = zero, sq2 = zero;
+            for (int r = 0; r < 32; ++r) {
+                const vf t = (xs[r] * isc) * two;
+                vf q = first;
+                for (int k = 0; k < 15; ++k) q = q + (t >= (zero + mid2[k]) ? zero + steps[k] : zero);
+                const vf wq = ws[r] * q;
+                sqx = sqx + wq * xs[r];
+                sq2 = sq2 + wq * q;
+            }
+            store_n(out + c * B, b0, m, sqx);
+            store_n(out + (C + c) * B, b0, m, sq2);
+        }
+    }
+}
+
 /* make_q3_quants(n, nmax, do_rmse = true) on the LANES columns from b0 on (m exist) of x
    [n, C] (n <= 16), as `kquants23.make_q3` computes it: out [1 + n, C] = scale, then
    L + nmax (0 for all-zero blocks). */
@@ -920,6 +958,8 @@ def search_library():
         lib.qx_rows.restype = None
         lib.ref32_encode.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
         lib.ref32_encode.restype = None
+        lib.iq4_candidate_sums.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64]
+        lib.iq4_candidate_sums.restype = None
         lib.q3_search.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
         lib.q3_search.restype = None
         lib.row_weights.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64]
@@ -1105,6 +1145,27 @@ def ref32_cpp(kernel: Callable[..., None], name: str, x: torch.Tensor) -> tuple[
     d, m = torch.empty(B, dtype=torch.float32), torch.empty(B, dtype=torch.float32)
     kernel(x.data_ptr(), B, kind, out.data_ptr(), d.data_ptr(), m.data_ptr(), max(1, torch.get_num_threads()))
     return out, d, m
+
+
+def compiled_iq4_sums() -> Callable[..., None] | None:
+    """The IQ4 candidate sums in C++ (`iq4_sums_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.iq4_candidate_sums
+
+
+def iq4_sums_cpp(kernel: Callable[..., None], X: torch.Tensor, W: torch.Tensor, iscales: torch.Tensor,
+                 codebook: tuple[int, ...]) -> torch.Tensor:
+    """`iq4.candidate_sums` for gapped blocks X, W [33, B] and candidate iscales [C, B] with
+    the 16-value codebook: float32 [2, C, B]."""
+    X, W = _unit_stride(X), _unit_stride(W)
+    iscales = iscales.to(torch.float32).contiguous()
+    C, B = iscales.shape
+    mid2 = torch.tensor([a + b for a, b in zip(codebook[:-1], codebook[1:])], dtype=torch.float32)
+    steps = torch.tensor([b - a for a, b in zip(codebook[:-1], codebook[1:])], dtype=torch.float32)
+    out = torch.empty((2, C, B), dtype=torch.float32)
+    kernel(X.data_ptr(), X.stride(0), W.data_ptr(), W.stride(0), B, iscales.data_ptr(), C, mid2.data_ptr(),
+           steps.data_ptr(), float(codebook[0]), out.data_ptr(), max(1, torch.get_num_threads()))
+    return out
 
 
 def compiled_q3() -> Callable[..., None] | None:

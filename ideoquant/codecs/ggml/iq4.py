@@ -15,10 +15,11 @@ so the index is the number of doubled midpoints <= floor(2x): one table lookup.
 
 Speed. The 16 candidate scales of a block are independent until the choice among them, so
 their sums are computed in one pass (`candidate_sums`: for each position, all candidates),
-which torch.compile turns into one loop over the blocks with the sums in registers. As for
-the K-quant kernel (`fused_kernel`), the compiled function is checked bit for bit against its
-eager self once per process and replaced by it when it differs or cannot be compiled;
-IDEOQUANT_FUSED=0 turns it off.
+which the C++ source of `fused_kernel` runs for 16 blocks at a time with the blocks and the
+sums in registers (`iq4_sums_cpp`; the codebook value as the sum of the steps whose midpoint
+is reached, instead of a table lookup). It is checked bit for bit against the array code
+once per process and replaced by it when it differs or cannot be built; IDEOQUANT_FUSED=0
+turns it off.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def iq4_value(x: torch.Tensor) -> torch.Tensor:
 
 # Rows of the gapped 33-row layout that hold data (row 16 is scratch).
 _DATA_ROWS = tuple(range(16)) + tuple(range(17, 33))
-# Blocks per compiled call and torch thread (static shapes: one kernel per thread count).
+# Blocks per chunk of the search and torch thread (bounds the [16, B] candidate temporaries).
 BLOCKS_PER_THREAD = 4096
 
 
@@ -100,44 +101,51 @@ def candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, valu
 
 
 def bucket_blocks(threads: int | None = None) -> int:
-    """Blocks per call of the compiled `candidate_sums` for this many torch threads."""
+    """Blocks per chunk of the IQ4 scale search for this many torch threads."""
     threads = torch.get_num_threads() if threads is None else threads
     return BLOCKS_PER_THREAD * max(1, threads)
 
 
-def _run(step: Callable[..., torch.Tensor], x, w, iscales) -> torch.Tensor:
-    # Inference mode and contiguous inputs keep the compiled graph's guards the same on every call.
+def eager_candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor) -> torch.Tensor:
+    """`candidate_sums` with this device's codebook table."""
     _, value = _tables(str(x.device))
-    with torch.inference_mode():
-        return step(x.contiguous(), w.contiguous(), iscales.contiguous(), value).clone()
+    return candidate_sums(x, w, iscales, value)
+
+
+def _run(step: Callable[..., torch.Tensor], x, w, iscales) -> torch.Tensor:
+    return step(x, w, iscales)
 
 
 @functools.cache
-def compiled_candidate_sums(blocks: int) -> Callable[..., torch.Tensor] | None:
-    """`candidate_sums` compiled for buckets of `blocks`, once it has matched the eager
-    function bit for bit on blocks that probe the edges; else None."""
-    if not fused_kernel.fused_requested():
+def compiled_candidate_sums() -> Callable[..., torch.Tensor] | None:
+    """The C++ `candidate_sums`, once it has matched the array code bit for bit on blocks
+    that probe the edges (with ggml's weights x^2 and with importance weights); else None."""
+    kernel = fused_kernel.compiled_iq4_sums()
+    if kernel is None:
         return None
+
+    def step(x, w, iscales):
+        return fused_kernel.iq4_sums_cpp(kernel, x, w, iscales, KVALUES_IQ4NL)
+
     try:
-        step = torch.compile(candidate_sums, dynamic=False, fullgraph=True)
-        x, qw = _adversarial_blocks(blocks, seed=3)
+        x, qw = _adversarial_blocks(4101, seed=3)
         X = gapped33(x.T.contiguous())
         for W in (X * X, gapped33(qw.T.contiguous())):
             iscales = _candidate_iscales(X)
-            if not torch.equal(_run(step, X, W, iscales).view(torch.int32), _run(candidate_sums, X, W, iscales).view(torch.int32)):
+            if not torch.equal(step(X, W, iscales).view(torch.int32), eager_candidate_sums(X, W, iscales).view(torch.int32)):
                 reason = "its results differ from the eager code on this machine"
                 break
         else:
             return step
-    except Exception as exc:  # noqa: BLE001 - compile errors surface on the first call
+    except Exception as exc:  # noqa: BLE001 - a library without the symbol, say
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     fused_kernel.log.warning("compiled IQ4 kernel not used (%s); using the eager encoder", reason)
     return None
 
 
 def compiled_search_available() -> bool:
-    """Whether IQ4 scale searches on whole buckets run compiled here (compiles the kernel)."""
-    return compiled_candidate_sums(bucket_blocks()) is not None
+    """Whether IQ4 scale searches run through the C++ candidate sums here (builds and checks them)."""
+    return compiled_candidate_sums() is not None
 
 
 def block_absmax(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,15 +183,13 @@ def iq4_block_scales(X: torch.Tensor, W: torch.Tensor, ntry: int = IQ4_NTRY, com
     X, W: [33, B] gapped position-major 32-weight blocks and their weights (row 16 is scratch
     and must hold zeros). Returns (scale [B], max [B]): the least-squares scale `scales[ib]`
     (0 for blocks whose largest |x| is below GROUP_MAX_EPS) and the block's signed element of
-    largest magnitude (first on ties). `compiled`: use the compiled candidate sums on buckets
-    of `bucket_blocks()` where they are available."""
+    largest magnitude (first on ties). `compiled`: use the C++ candidate sums where they are
+    available."""
     amax, xmax = block_absmax(X)
     zero_blk = amax < GROUP_MAX_EPS
     iscales = _candidate_iscales(X, ntry)
-    step = None
-    if compiled and ntry == IQ4_NTRY and X.shape[1] == bucket_blocks():
-        step = compiled_candidate_sums(X.shape[1])
-    sums = _run(step or candidate_sums, X, W, iscales)
+    step = compiled_candidate_sums() if compiled else None
+    sums = _run(step or eager_candidate_sums, X, W, iscales)
     sumqx, sumq2 = sums[0], sums[1]
     d = sumqx[0] / sumq2[0]
     best = d * sumqx[0]

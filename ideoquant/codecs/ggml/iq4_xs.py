@@ -5,7 +5,7 @@ The encoder is byte-identical to ggml's `quantize_iq4_xs` (its `_ref` is the sam
 without an importance matrix: weights x*x); the decoder is bit-equal to gguf-py's. Blocks are
 processed in the gapped 33-row position-major layout of `scale_search`, so the sequential sums
 over 32 weights are two 16-row chains. The 16 candidate scales of every 32-weight block run
-through IQ4_NL's compiled candidate sums (`iq4`), in buckets of whole super-blocks.
+through IQ4_NL's C++ candidate sums (`iq4`), in chunks of whole super-blocks.
 """
 
 from __future__ import annotations
@@ -74,11 +74,11 @@ class IQ4_XS(_KQuant):
 
     @classmethod
     def _encode_chunks(cls, blocks, weights, row_superblocks: int = 1):
-        """Super-blocks in chunks of one compiled IQ4 bucket (8 sub-blocks each), the last one
+        """Super-blocks in chunks of one IQ4 search chunk (8 sub-blocks each), the last one
         padded with zero super-blocks; the K-quant chunking where the kernel is unavailable."""
         n = blocks.shape[0]
         bucket = iq4.bucket_blocks() // 8
-        if n < bucket // 4 or iq4.compiled_candidate_sums(8 * bucket) is None:
+        if n < bucket // 4 or iq4.compiled_candidate_sums() is None:
             return super()._encode_chunks(blocks, weights, row_superblocks)
         out = torch.empty((n, cls.type_size), dtype=torch.uint8)
         for a, b in chunk_ranges(n, bucket):
