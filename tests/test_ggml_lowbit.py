@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from ideoquant.codecs.ggml import fused_kernel, iq4, iq4_xs, kquants23, scale_search
+from ideoquant.codecs.ggml import fused_kernel, iq4, kquants23, scale_search
 from ideoquant.codecs.ggml.registry import ggml_type
 
 from .conftest import clear_native_kernels

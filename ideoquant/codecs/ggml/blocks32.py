@@ -257,24 +257,18 @@ def _pos_major(blocks: torch.Tensor) -> torch.Tensor:
     return gapped33(blocks.t().contiguous())
 
 
-def _encode_block_chunks(
-    blocks: torch.Tensor, weights: torch.Tensor | None, encode, type_size: int, bucket: int | None = None
-) -> torch.Tensor:
-    """encode(x [B, 32], w [B, 32] | None) -> uint8 [B, type_size] over inner chunks of blocks.
-
-    With `bucket` (the block count a compiled kernel takes), chunks are whole buckets, the
-    last one padded with zero blocks; else chunks of a few hundred thousand weights."""
+def _encode_block_chunks(blocks: torch.Tensor, weights: torch.Tensor | None, encode, type_size: int) -> torch.Tensor:
+    """encode(x [B, 32], w [B, 32] | None) -> uint8 [B, type_size] over inner chunks of a few
+    hundred thousand weights, each padded to whole vector groups of columns (the sums of the
+    array code stay on torch's fast path)."""
     n = blocks.shape[0]
     out = torch.empty((n, type_size), dtype=torch.uint8)
     threads = max(1, torch.get_num_threads())
     big = col_align()
     step = max(big, INNER_CHUNK_WEIGHTS * threads // 32 // big * big)
-    fused = bucket is not None and n >= bucket // 4
-    if fused:
-        step = bucket
     for a, b in chunk_ranges(n, step):
         nb = b - a
-        npad = bucket if fused and nb >= bucket // 4 else round_up(nb, VEC_COLS if nb < big else big)
+        npad = round_up(nb, VEC_COLS if nb < big else big)
         x = blocks[a:b]
         w = None if weights is None else weights[a:b]
         if npad != nb:
@@ -283,11 +277,6 @@ def _encode_block_chunks(
                 w = torch.cat([w, w.new_zeros(npad - nb, 32)])
         out[a:b] = encode(x, w)[:nb]
     return out
-
-
-def _iq4_bucket() -> int | None:
-    bucket = iq4.bucket_blocks()
-    return bucket if iq4.compiled_candidate_sums() is not None else None
 
 
 def _nibbles(L: torch.Tensor) -> torch.Tensor:
@@ -569,8 +558,7 @@ class IQ4_NL(GGMLType):
     def quantize_blocks(cls, blocks, weights=None):
         blocks = cpu32(blocks).reshape(-1, 32)
         weights = None if weights is None else cpu32(weights).reshape(-1, 32)
-        bucket = _iq4_bucket() if blocks.shape[0] >= iq4.bucket_blocks() // 4 else None
-        return _encode_block_chunks(blocks, weights, _encode_iq4_nl, cls.type_size, bucket)
+        return _encode_block_chunks(blocks, weights, _encode_iq4_nl, cls.type_size)
 
     @classmethod
     def quantize_rows(cls, rows, imatrix=None):

@@ -18,7 +18,7 @@ from .base import fp16_bytes, fp16_from_bytes
 from .iq4 import KVALUES_IQ4NL, iq4_block_scales, iq4_index
 from .kquants import _KQuant, _superblocks_pos_major
 from .kquants23 import importance_weights, superblock_sum_sq
-from .scale_search import QK_K, chunk_ranges, exact_div, nearest_int_bits, ungap33
+from .scale_search import QK_K, exact_div, nearest_int_bits, ungap33
 
 _F32 = torch.float32
 
@@ -72,23 +72,6 @@ class IQ4_XS(_KQuant):
     def _encode(cls, x, qw):
         return _encode_iq4_xs(x, qw)
 
-    @classmethod
-    def _encode_chunks(cls, blocks, weights, row_superblocks: int = 1):
-        """Super-blocks in chunks of one IQ4 search chunk (8 sub-blocks each), the last one
-        padded with zero super-blocks; the K-quant chunking where the kernel is unavailable."""
-        n = blocks.shape[0]
-        bucket = iq4.bucket_blocks() // 8
-        if n < bucket // 4 or iq4.compiled_candidate_sums() is None:
-            return super()._encode_chunks(blocks, weights, row_superblocks)
-        out = torch.empty((n, cls.type_size), dtype=torch.uint8)
-        for a, b in chunk_ranges(n, bucket):
-            x = blocks[a:b]
-            qw = None if weights is None else weights(a, b)
-            if b - a != bucket:
-                x = torch.cat([x, x.new_zeros(bucket - (b - a), QK_K)])
-                qw = None if qw is None else torch.cat([qw, qw.new_zeros(bucket - (b - a), QK_K)])
-            out[a:b] = _encode_iq4_xs(x.contiguous(), None if qw is None else qw.contiguous())[: b - a]
-        return out
 
     @classmethod
     def dequantize_blocks(cls, blocks):
