@@ -37,6 +37,8 @@ FORMATS = {
     "q5_k-imatrix": ["--imatrix", "ones"], "q4_1-imatrix": ["--imatrix", "ones"],
     "q5_1-imatrix": ["--imatrix", "ones"], "q3_k-imatrix": ["--imatrix", "ones"],
     "q2_k-imatrix": ["--imatrix", "ones"], "iq4_xs-imatrix": ["--imatrix", "ones"],
+    "q4_0-imatrix": ["--imatrix", "ones"], "q5_0-imatrix": ["--imatrix", "ones"],
+    "iq4_nl-imatrix": ["--imatrix", "ones"],
 }
 LAYERS = "3"
 
