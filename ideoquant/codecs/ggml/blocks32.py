@@ -201,9 +201,11 @@ def row_importance_weights(rows: torch.Tensor, qw: torch.Tensor) -> torch.Tensor
     return run(rows, qw) if run is not None else _row_importance_weights_eager(rows, qw)
 
 
-def _qx_row_levels_eager(rows: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    w = row_importance_weights(rows, qw)
-    d, L = make_qx(_pos_major(rows.reshape(-1, 32)), _pos_major(w.reshape(-1, 32)), nmax, gapped=True)
+def _qx_row_levels_eager(rows: torch.Tensor, qw: torch.Tensor, nmax: int,
+                         fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`qx_row_levels` by the array code (its own C++ pieces where available, unless not `fused`)."""
+    w = row_importance_weights(rows, qw) if fused else _row_importance_weights_eager(rows, qw)
+    d, L = make_qx(_pos_major(rows.reshape(-1, 32)), _pos_major(w.reshape(-1, 32)), nmax, gapped=True, fused=fused)
     return d, ungap33(L).t().to(torch.uint8)
 
 
@@ -223,9 +225,7 @@ def fused_qx_rows() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
         return torch.cat([pair[0].unsqueeze(1), pair[1].to(_F32)], dim=1)
 
     def eager(rows, qw, nmax):
-        w = _row_importance_weights_eager(rows, qw)
-        d, L = make_qx(_pos_major(rows.reshape(-1, 32)), _pos_major(w.reshape(-1, 32)), nmax, gapped=True, fused=False)
-        return flat((d, ungap33(L).t().to(torch.uint8)))
+        return flat(_qx_row_levels_eager(rows, qw, nmax, fused=False))
 
     x, w = _adversarial_blocks(4101, seed=23)
     rows, per_row = x[:4096].reshape(8, 16384), w[:4096].reshape(8, 16384)

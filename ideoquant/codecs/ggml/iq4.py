@@ -74,10 +74,6 @@ def iq4_value(x: torch.Tensor) -> torch.Tensor:
 
 # Rows of the gapped 33-row layout that hold data (row 16 is scratch).
 _DATA_ROWS = tuple(range(16)) + tuple(range(17, 33))
-# Blocks per chunk of the search and torch thread (bounds the [16, B] candidate temporaries).
-BLOCKS_PER_THREAD = 4096
-
-
 def candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, value_lut: torch.Tensor) -> torch.Tensor:
     """For every block and candidate: sumqx = sum of w*q*x and sumq2 = sum of w*q*q, in ggml's
     order, with q the codebook value best_index_int8 picks for iscale*x.
@@ -100,20 +96,10 @@ def candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, valu
     return torch.stack((sumqx, sumq2))
 
 
-def bucket_blocks(threads: int | None = None) -> int:
-    """Blocks per chunk of the IQ4 scale search for this many torch threads."""
-    threads = torch.get_num_threads() if threads is None else threads
-    return BLOCKS_PER_THREAD * max(1, threads)
-
-
 def eager_candidate_sums(x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor) -> torch.Tensor:
     """`candidate_sums` with this device's codebook table."""
     _, value = _tables(str(x.device))
     return candidate_sums(x, w, iscales, value)
-
-
-def _run(step: Callable[..., torch.Tensor], x, w, iscales) -> torch.Tensor:
-    return step(x, w, iscales)
 
 
 @functools.cache
@@ -189,7 +175,7 @@ def iq4_block_scales(X: torch.Tensor, W: torch.Tensor, ntry: int = IQ4_NTRY, com
     zero_blk = amax < GROUP_MAX_EPS
     iscales = _candidate_iscales(X, ntry)
     step = compiled_candidate_sums() if compiled else None
-    sums = _run(step or eager_candidate_sums, X, W, iscales)
+    sums = (step or eager_candidate_sums)(X, W, iscales)
     sumqx, sumq2 = sums[0], sums[1]
     d = sumqx[0] / sumq2[0]
     best = d * sumqx[0]

@@ -72,7 +72,6 @@ class IQ4_XS(_KQuant):
     def _encode(cls, x, qw):
         return _encode_iq4_xs(x, qw)
 
-
     @classmethod
     def dequantize_blocks(cls, blocks):
         n = blocks.shape[0]
