@@ -60,14 +60,18 @@ def edit_source(tmp_path, tiny_fp8):
 def clear_native_kernels() -> None:
     """Forget every C++ kernel built and checked in this process (the library and each
     self-check), so that a test's IDEOQUANT_FUSED setting cannot leak into later tests."""
-    from ideoquant.codecs.ggml import blocks32, fused_kernel, iq4, kquants, kquants23, ref32_kernel, scale_search
+    from ideoquant.codecs import fp8
+    from ideoquant.codecs.ggml import (
+        blocks32, error_kernel, fused_kernel, iq4, kquants, kquants23, ref32_kernel, scale_search,
+    )
 
     for cached in (
         fused_kernel.search_library, scale_search.fused_qkx_search, scale_search.fused_qx,
         scale_search.fused_qp_step, kquants.fused_pos_major, kquants.fused_imatrix_weights,
         kquants.fused_k32, kquants23.fused_q3_step, kquants23.fused_qkx16,
         kquants23.fused_k16_weights, blocks32.fused_row_weights, blocks32.fused_qx_rows,
-        ref32_kernel.compiled_encoder, iq4.compiled_candidate_sums,
+        ref32_kernel.compiled_encoder, error_kernel.compiled_error_sums, iq4.compiled_candidate_sums,
+        fp8.compiled_fp8_decoder,
     ):
         cached.cache_clear()
 

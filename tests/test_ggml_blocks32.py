@@ -152,7 +152,12 @@ def test_signed_absmax_takes_the_first_of_tied_magnitudes():
     assert np.array_equal(got.view(np.uint32), np.array(want, dtype=np.float32).view(np.uint32))
 
 
-REF_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+REF_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+def _eager_ref(qtype: str):
+    """The eager `_ref` encoder the C++ one replaces."""
+    return {"Q4_0": b32._encode_q4_0_ref, "Q8_0": b32._encode_q8_0_ref}.get(qtype) or ggml_type(qtype)._eager_ref_chunks
 
 
 def _tiled_reference(qtype: str, blocks: int, path: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -179,8 +184,7 @@ def fresh_kernels():
 def test_compiled_ref_encoder_matches_ggml(qtype, monkeypatch):
     """ggml's bytes for every reference row, tiled, through the C++ `_ref` encoder (counted)."""
     rows, want = _tiled_reference(qtype, 20011)
-    assert ref32_kernel.compiled_encoder(qtype, ggml_type(qtype)._eager_ref_chunks if qtype != "Q4_0"
-                                         else b32._encode_q4_0_ref) is not None
+    assert ref32_kernel.compiled_encoder(qtype, _eager_ref(qtype)) is not None
     used = []
     real = fused_kernel.ref32_cpp
     monkeypatch.setattr(fused_kernel, "ref32_cpp", lambda *a: used.append(1) or real(*a))
@@ -218,6 +222,56 @@ def _ref_encode_counted(qtype: str, x: torch.Tensor, compiled: bool, monkeypatch
     got = ggml_type(qtype).quantize_blocks(x).numpy()
     assert bool(used) == compiled
     return got
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+def test_q8_0_rounds_halves_away_and_just_below_half_down(compiled, monkeypatch, fresh_kernels):
+    """d = 127/127 = 1, so each code is roundf(x) itself, worked out by hand: halves go away
+    from zero, and 0.49999997 (the float just below 0.5, where x + 0.5 would round up to 1)
+    goes to 0."""
+    below = float(np.nextafter(np.float32(0.5), np.float32(0)))
+    values = [127.0, below, -below, 0.5, -0.5, 1.5, -2.5, 126.5, -126.49999, 3.0, 0.0, -0.0]
+    want = [127, 0, 0, 1, -1, 2, -3, 127, -126, 3, 0, 0]
+    x = torch.zeros(2, 32)
+    x[:, : len(values)] = torch.tensor(values)
+    got = _ref_encode_counted("Q8_0", x, compiled, monkeypatch)
+    assert got[:, 2:].view(np.int8)[:, : len(want)].tolist() == [want, want]
+    assert got[0, :2].tolist() == [0x00, 0x3C]  # d = 1.0 in fp16
+
+
+def _fp16_edge_blocks() -> torch.Tensor:
+    """Blocks whose scales land on the edges of fp16: subnormal, the smallest normal, ties
+    between neighbouring fp16 values (d exactly halfway, for each type's divisor), the largest
+    finite value and beyond, and a spread of magnitudes in between."""
+    # (No all-zero block: there gguf's numpy port takes the sign of the first zero, where ggml's
+    # max stays +0.0; ggml's own vectors cover zeros.)
+    halves = torch.arange(1, 0x7C00, 37, dtype=torch.int16).view(torch.float16).to(torch.float64)
+    ties = (halves[:-1] + halves[1:]) / 2  # fp16 midpoints (exact in float32)
+    amax = torch.cat([ties, halves, torch.tensor([5.96e-8, 6.1e-5, 65504.0, 65519.0, 65520.0, 7e4, 1e7])])
+    gen = torch.Generator().manual_seed(9)
+    x = torch.rand(amax.numel(), 32, generator=gen, dtype=torch.float64) * 2 - 1
+    x[:, 5] = 1.0
+    blocks = []
+    for divisor in (127.0, 8.0, 15.0, 16.0, 31.0):
+        # Q8_0's d = amax/127, Q4_0's max/-8, Q4_1's (max-min)/15, Q5_0's max/-16, Q5_1's /31.
+        blocks.append((x * (amax * divisor).reshape(-1, 1)).to(torch.float32))
+    return torch.cat(blocks)
+
+
+@pytest.mark.parametrize("qtype", REF_TYPES)
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+def test_fp16_headers_round_as_ggml_at_the_edges(qtype, compiled, monkeypatch, fresh_kernels):
+    """Scales at fp16 ties, subnormals and overflow: the gguf package's numpy quantizer (ggml's
+    reference code ported) gives the same bytes, kernel on and off."""
+    x = _fp16_edge_blocks()
+    got = _ref_encode_counted(qtype, x, compiled, monkeypatch)
+    with np.errstate(all="ignore"):
+        want = gguf_quants.quantize(x.numpy(), GGMLQuantizationType[qtype]).reshape(got.shape)
+    finite = np.isfinite(want[:, :2].copy().view(np.float16)[:, 0])
+    assert finite.sum() > 0.9 * len(finite) and (~finite).sum() > 0
+    assert np.array_equal(got[finite], want[finite])
+    # Where d overflows fp16 the header is Inf in both (the conversion then names the tensor).
+    assert np.array_equal(got[~finite, :2], want[~finite, :2])
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])

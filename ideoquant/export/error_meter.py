@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..codecs.ggml.base import GGMLType
 from ..errors import IdeoquantError
 
 
@@ -69,6 +70,17 @@ class ErrorMeter:
         self.ref_sq += ref_sq
         self.err_sq += err_sq
         return self
+
+    def add_encoded(self, cls: type[GGMLType], data: torch.Tensor, exact: torch.Tensor) -> "ErrorMeter":
+        """Add one chunk of rows `exact` encoded as `data` in ggml type `cls`: measured by the
+        type's error kernel where it has one (no decoded copy), else decoded and added."""
+        sums = cls.error_sums(data, exact)
+        if sums is not None and all(math.isfinite(v) for v in sums):
+            self.err_sq += sums[0]
+            self.ref_sq += sums[1]
+            return self
+        # No kernel, or a non-finite decode: the decoded values name the problem.
+        return self.add(cls.dequantize_rows(data), exact)
 
     def relative(self) -> float:
         """The relative error of everything added."""

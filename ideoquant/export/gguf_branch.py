@@ -141,7 +141,7 @@ def write_gguf_branch(
                     weight = bs.read_float32(c.name)
                     aware = calibration.encode(cls, c.name, weight)
                     writer.write_chunk(aware.data.numpy())
-                    meter.add(cls.dequantize_rows(aware.data), weight)
+                    meter.add_encoded(cls, aware.data, weight)
                     writer.end_tensor()
                     aware_measured[c.name] = aware.measured
                     reports.append(TensorReport(c.name, c.shape, c.qtype.name, tensor_nbytes(c), meter.relative(), aware.measured.note()))
@@ -155,7 +155,7 @@ def write_gguf_branch(
                             stored, clamped = rows.clamp(-limit[0], limit[0]), clamped + over
                     data = cls.quantize_rows(stored, imatrix)
                     writer.write_chunk(data.numpy())
-                    meter.add(cls.dequantize_rows(data), rows)  # the error of the clamp counts
+                    meter.add_encoded(cls, data, rows)  # the error of the clamp counts
                 writer.end_tensor()
                 note = ""
                 if clamped:

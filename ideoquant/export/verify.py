@@ -41,7 +41,7 @@ from ..model.inventory import (
     to_layout_names,
 )
 from ..recipes.gguf_policy import TensorChoice
-from .error_meter import relative_error
+from .error_meter import ErrorMeter, relative_error
 from .gguf_branch import verify_gguf_file
 from .model_card import CARD_NAME, REPORT_NAME, parse_file_table, report_files
 from .options import BranchResult, TensorReport
@@ -198,13 +198,22 @@ class GGUFTensors:
         self.reader = GGUFReader(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
 
-    def dequantize(self, name: str) -> torch.Tensor:
-        """A tensor decoded to float32 in torch order."""
+    def _rows(self, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
         t = self.tensors[name]
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(rows, -1)
-        return ggml_type(t.tensor_type).dequantize_rows(torch.from_numpy(raw.copy())).reshape(shape)
+        return torch.from_numpy(np.asarray(t.data).reshape(-1).view(np.uint8).reshape(rows, -1).copy()), shape
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        """A tensor decoded to float32 in torch order."""
+        raw, shape = self._rows(name)
+        return ggml_type(self.tensors[name].tensor_type).dequantize_rows(raw).reshape(shape)
+
+    def relative_error(self, name: str, exact: torch.Tensor) -> float:
+        """The tensor's relative error against `exact`, measured as the conversion measured it."""
+        raw, _ = self._rows(name)
+        cls = ggml_type(self.tensors[name].tensor_type)
+        return ErrorMeter().add_encoded(cls, raw, exact.reshape(raw.shape[0], -1).to(torch.float32)).relative()
 
 
 class FolderTensors:
@@ -358,7 +367,10 @@ def compare_with_source(folder: Path, report: dict, readers: dict, src: str) -> 
                 raise IdeoquantError(
                     f"{folder}: {branch} tensor {t['name']} has shape {list(approx.shape)}, the source {list(exact.shape)}"
                 )
-            err = relative_error(approx, exact)
+            if isinstance(readers[branch], GGUFTensors):
+                err = readers[branch].relative_error(t["name"], exact)
+            else:
+                err = relative_error(approx, exact)
             reported = t.get("rel_error")
             if reported is not None:
                 if not _close(err, reported):

@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from gguf import GGMLQuantizationType
 
+from . import error_kernel
+
 # Rows per vectorized chunk: bounds the temporaries of an encoder to a few hundred MB.
 DEFAULT_CHUNK_WEIGHTS = 1 << 24
 
@@ -74,6 +76,14 @@ class GGMLType:
         return cls.dequantize_blocks(data.reshape(-1, cls.type_size)).reshape(m, -1)
 
     @classmethod
+    def error_sums(cls, data: torch.Tensor, rows: torch.Tensor) -> tuple[float, float] | None:
+        """(sum of (decoded - rows)^2, sum of rows^2) in float64 for encoded rows data [m, bytes]
+        of float32 rows [m, k], without decoding them into memory; None where the type has no
+        kernel for it (the caller decodes and measures)."""
+        sums = error_kernel.compiled_error_sums(cls.__name__, cls.dequantize_blocks)
+        return None if sums is None else sums(rows.reshape(-1, cls.block_size), data.reshape(-1, cls.type_size))
+
+    @classmethod
     def quantize_tensor(
         cls,
         weight: torch.Tensor,
@@ -121,6 +131,20 @@ def fp16_bytes(values: torch.Tensor) -> torch.Tensor:
 
 def fp16_from_bytes(data: torch.Tensor) -> torch.Tensor:
     """uint8 [n, 2] little-endian fp16 -> float32 [n, 1]."""
-    return data.contiguous().view(torch.float16).to(torch.float32).reshape(-1, 1)
+    halves = data.view(torch.float16) if _halves_in_place(data) else data.contiguous().view(torch.float16)
+    return halves.to(torch.float32).reshape(-1, 1)
 
 
+def store_fp16(dest: torch.Tensor, values: torch.Tensor) -> None:
+    """Write float32 values [n] rounded to fp16 (to nearest even, as ggml's FP32_TO_FP16) into
+    the byte columns dest uint8 [n, 2], e.g. the header of each block of an output buffer."""
+    if _halves_in_place(dest):
+        dest.view(torch.float16).copy_(values.reshape(-1, 1))
+    else:
+        dest.copy_(fp16_bytes(values))
+
+
+def _halves_in_place(data: torch.Tensor) -> bool:
+    # Two byte columns of block rows (an even offset and row stride) read or written as fp16
+    # where they lie: copying the strided bytes costs more than the conversion itself.
+    return data.stride(-1) == 1 and data.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in data.stride()[:-1])

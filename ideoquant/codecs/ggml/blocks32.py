@@ -17,6 +17,7 @@ from .base import (
     DEFAULT_CHUNK_WEIGHTS,
     GGMLType,
     fp16_bytes,
+    store_fp16,
     fp16_from_bytes,
     round_half_away_inplace,
 )
@@ -55,7 +56,7 @@ def _encode_q8_0_ref(blocks: torch.Tensor) -> torch.Tensor:
     d = torch.maximum(blocks.amax(dim=1, keepdim=True).abs_(), blocks.amin(dim=1, keepdim=True).abs_()) / 127
     inv_d = torch.where(d == 0, torch.zeros_like(d), exact_div(1.0, d))
     out = torch.empty((blocks.shape[0], 34), dtype=torch.uint8)
-    out[:, :2] = fp16_bytes(d.reshape(-1))
+    store_fp16(out[:, :2], d.reshape(-1))
     # Casting to int8 truncates toward zero, which completes roundf.
     out[:, 2:].view(torch.int8).copy_(round_half_away_inplace(blocks * inv_d))
     return out
@@ -69,10 +70,12 @@ class Q8_0(GGMLType):
     type_size = 34
 
     @classmethod
+    def prepare(cls, imatrix=False):
+        ref32_kernel.compiled_encoder("Q8_0", _encode_q8_0_ref)
+
+    @classmethod
     def quantize_blocks(cls, blocks, weights=None):
-        # Eager: in a whole conversion, loading a compiled kernel costs more than Q8_0's
-        # memory-bound encoding would gain from it (see README, Measured).
-        return _encode_q8_0_ref(cpu32(blocks).reshape(-1, 32))
+        return ref32_kernel.encode_blocks("Q8_0", cpu32(blocks).reshape(-1, 32), _encode_q8_0_ref)
 
     @classmethod
     def dequantize_blocks(cls, blocks):

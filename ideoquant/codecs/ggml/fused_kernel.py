@@ -12,8 +12,10 @@
 * `q3_search_cpp`: make_q3_quants (Q3_K without one); `qkx16_fit_cpp`: make_qkx on Q2_K's
   16-weight sub-blocks; `k32_fit_cpp`, `k32_levels_cpp`: the whole search and final levels
   of Q4_K/Q5_K;
-* `ref32_cpp`: the `_ref` encoders of Q4_0, Q4_1, Q5_0 and Q5_1 (no importance matrix);
-  `iq4_sums_cpp`: the candidate sums of the IQ4_NL/IQ4_XS scale search.
+* `ref32_cpp`: the `_ref` encoders of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (no importance
+  matrix); `iq4_sums_cpp`: the candidate sums of the IQ4_NL/IQ4_XS scale search;
+* `error_sums_cpp`: the squared error of encoded blocks (those types and the K-quants)
+  against their source, each block decoded as the gguf package does and summed on the fly.
 
 Exactness. Each kernel is float32 arithmetic in ggml's order: products and sums are spelled
 out one position after the other, never as reductions, and the C++ is built with IEEE
@@ -26,21 +28,15 @@ the eager code only.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+
+from ..native import build_native_library, fused_requested
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +44,6 @@ log = logging.getLogger(__name__)
 # length: 33 rows a power of two apart would all fall into the same cache sets and evict
 # each other.
 ROW_PAD = 16
-
-
-def fused_requested() -> bool:
-    """Whether the environment allows the fused kernel (IDEOQUANT_FUSED=0 turns it off)."""
-    return os.environ.get("IDEOQUANT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def padded_rows(rows: int, inner: tuple[int, ...]) -> torch.Tensor:
@@ -651,13 +642,39 @@ extern "C" void qx_rows(const float* x, int64_t m, int64_t k, const float* qw, i
     }
 }
 
-/* ggml's quantize_row_<type>_ref for kind 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1 on blocks x [B, 32]:
-   out [B, type_size] with the level bytes written (qh, then qs) and the fp16 header left to
-   the caller, which rounds d [B] (and the min m [B]) as ggml's FP32_TO_FP16 does. ggml's
-   scalar code, block by block: the first element of largest |x| (a strict `<`), the min and
-   max scanned in order from +-FLT_MAX, `d ? 1.0f/d : 0.0f`, levels MIN(nmax, (int)(t)). */
+/* quantize_row_q8_0_ref on one block: d = amax/127 (amax the largest fabsf, as ggml's MAX
+   scan), codes roundf(x * id) with roundf as a truncation of x*id plus 0.49999997 of its sign
+   (C roundf for every float32: halves reach the next integer, 0.49999997 does not). */
+static inline float q8_0_block(const float* v, int8_t* q) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+        const float a = __builtin_fabsf(v[j]);
+        amax = amax > a ? amax : a;
+    }
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < 32; ++j) {
+        const float t = v[j] * id;
+        q[j] = (int8_t)(int)(t + __builtin_copysignf(0.49999997f, t));
+    }
+    return d;
+}
+
+/* ggml's quantize_row_<type>_ref for kind 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1, 4 Q8_0 on blocks
+   x [B, 32]: out [B, type_size] with the level bytes written (qh, then qs) and the fp16 header
+   left to the caller, which rounds d [B] (and the min m [B]) as ggml's FP32_TO_FP16 does.
+   ggml's scalar code, block by block: the first element of largest |x| (a strict `<`), the min
+   and max scanned in order from +-FLT_MAX, `d ? 1.0f/d : 0.0f`, levels MIN(nmax, (int)(t)). */
 extern "C" void ref32_encode(const float* x, int64_t B, int64_t kind, uint8_t* out, float* d_out, float* m_out,
                              int64_t threads) {
+    if (kind == 4) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < B; ++b) {
+            d_out[b] = q8_0_block(x + b * 32, (int8_t*)(out + b * 34 + 2));
+            m_out[b] = 0.0f;
+        }
+        return;
+    }
     const int five = kind >= 2, affine = (int)(kind & 1);
     const int64_t size = 18 + 2 * kind;
     const int nmax = five ? 31 : 15;
@@ -701,6 +718,162 @@ extern "C" void ref32_encode(const float* x, int64_t B, int64_t kind, uint8_t* o
         }
         for (int j = 0; j < 16; ++j) q[j] = (uint8_t)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4));
     }
+}
+
+/* An fp16 bit pattern as float32, exactly (subnormals as m * 2^-24). */
+static inline float half_to_float(const uint8_t* p) {
+    const uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+    const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) {
+        const float v = (float)m * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    const uint32_t bits = sign | (e == 0x1f ? 0x7f800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* The weights of one encoded block as the gguf package's numpy dequantizers decode them, in
+   float32, into y [32] (kinds 0-4: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or y [256] (5-9: Q4_K, Q5_K,
+   Q6_K, Q2_K, Q3_K): d * (q - 8), d * q + m, d * (q - 16), d * q + m, d * q; (d * sc) * q -
+   (dmin * m) per 32-weight sub-block of Q4_K/Q5_K; (q - 32) * (d * sc) per 16 weights of Q6_K;
+   q * (d * sc) - dmin * m per 16 of Q2_K; (q - 4 where the high bit is clear) * (d * (sc - 32))
+   per 16 of Q3_K. */
+static inline void decode_block(const uint8_t* blk, int64_t kind, float* y) {
+    if (kind == 4) {
+        const float d = half_to_float(blk);
+        for (int j = 0; j < 32; ++j) y[j] = d * (float)(int8_t)blk[2 + j];
+    } else if (kind < 4) {
+        const int five = kind == 2 || kind == 3, affine = kind == 1 || kind == 3;
+        const float offset = kind == 0 ? 8.0f : (kind == 2 ? 16.0f : 0.0f);
+        const float d = half_to_float(blk), mn = affine ? half_to_float(blk + 2) : 0.0f;
+        const uint8_t* qs = blk + (affine ? 4 : 2) + (five ? 4 : 0);
+        uint32_t qh = 0;
+        if (five) memcpy(&qh, blk + (affine ? 4 : 2), 4);
+        for (int j = 0; j < 32; ++j) {
+            const int nib = j < 16 ? (qs[j] & 0xF) : (qs[j - 16] >> 4);
+            const int l = nib | (five ? (int)((qh >> j) & 1u) << 4 : 0);
+            y[j] = affine ? d * (float)l + mn : d * ((float)l - offset);
+        }
+    } else if (kind < 7) {
+        const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+        const uint8_t* sc = blk + 4;
+        const uint8_t* qh = blk + 16;
+        const uint8_t* qs = blk + (kind == 6 ? 48 : 16);
+        for (int s = 0; s < 8; ++s) {
+            const int scale = s < 4 ? sc[s] & 63 : (sc[s + 4] & 0xF) | ((sc[s - 4] >> 6) << 4);
+            const int m = s < 4 ? sc[s + 4] & 63 : (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+            const float dl = d * (float)scale, ml = dmin * (float)m;
+            const uint8_t* g = qs + (s / 2) * 32;
+            for (int i = 0; i < 32; ++i) {
+                int l = (s & 1) ? g[i] >> 4 : g[i] & 0xF;
+                if (kind == 6) l |= ((qh[i] >> s) & 1) << 4;
+                y[s * 32 + i] = dl * (float)l - ml;
+            }
+        }
+    } else if (kind == 8) {
+        const float d = half_to_float(blk + 80), dmin = half_to_float(blk + 82);
+        float dl[16], ml[16];
+        for (int j = 0; j < 16; ++j) {
+            dl[j] = d * (float)(blk[j] & 0xF);
+            ml[j] = dmin * (float)(blk[j] >> 4);
+        }
+        /* Weight 128h + 32s + i: bits 2s of qs byte 32h + i; its scale is the (8h + 2s + i/16)th. */
+        for (int h = 0; h < 2; ++h)
+            for (int s = 0; s < 4; ++s)
+                for (int half = 0; half < 2; ++half) {
+                    const int j = 8 * h + 2 * s + half;
+                    const uint8_t* qs = blk + 16 + 32 * h + 16 * half;
+                    float* out = y + 16 * j;
+                    for (int i = 0; i < 16; ++i) out[i] = (float)((qs[i] >> (2 * s)) & 3) * dl[j] - ml[j];
+                }
+    } else if (kind == 9) {
+        const uint8_t* sc = blk + 96;
+        const float d = half_to_float(blk + 108);
+        float dl[16];
+        for (int j = 0; j < 16; ++j) {
+            const int lo = (sc[j % 8] >> (4 * (j / 8))) & 0xF, hi = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+            dl[j] = d * (float)((int8_t)(lo | (hi << 4)) - 32);
+        }
+        /* As Q2_K's levels, less 4 where bit 4h + s of hmask byte i (i < 32) is clear. */
+        for (int h = 0; h < 2; ++h)
+            for (int s = 0; s < 4; ++s)
+                for (int half = 0; half < 2; ++half) {
+                    const int j = 8 * h + 2 * s + half;
+                    const uint8_t* qs = blk + 32 + 32 * h + 16 * half;
+                    const uint8_t* hm = blk + 16 * half;
+                    float* out = y + 16 * j;
+                    for (int i = 0; i < 16; ++i) {
+                        const int low = (qs[i] >> (2 * s)) & 3, high = (hm[i] >> (4 * h + s)) & 1;
+                        out[i] = (float)(low - 4 + 4 * high) * dl[j];
+                    }
+                }
+    } else {
+        const uint8_t* ql = blk;
+        const uint8_t* qh = blk + 128;
+        const int8_t* sc = (const int8_t*)(blk + 192);
+        const float d = half_to_float(blk + 208);
+        /* Weight 128h + 32k + i: the low nibble (k < 2) or high nibble of ql byte 64h + 32(k&1) + i,
+           bits 2k of qh byte 32h + i; its scale is the (8h + 2k + i/16)th. */
+        for (int h = 0; h < 2; ++h)
+            for (int k = 0; k < 4; ++k)
+                for (int half = 0; half < 2; ++half) {
+                    const int j = 8 * h + 2 * k + half;
+                    const float dl = d * (float)sc[j];
+                    const uint8_t* lb = ql + 64 * h + 32 * (k & 1) + 16 * half;
+                    const uint8_t* hb = qh + 32 * h + 16 * half;
+                    float* out = y + 16 * j;
+                    for (int i = 0; i < 16; ++i) {
+                        const int lo = k < 2 ? lb[i] & 0xF : lb[i] >> 4;
+                        out[i] = (float)((lo | (((hb[i] >> (2 * k)) & 3) << 4)) - 32) * dl;
+                    }
+                }
+    }
+}
+
+/* sums[0] = sum of (x - decoded)^2 and sums[1] = sum of x^2 in double, over nb blocks of
+   kind 0-9 (see decode_block): x [nb, 32 or 256] float32, q [nb, type_size] their bytes. One
+   sum per position mod 32 (the loop vectorizes) over pieces of 128 Ki weights, then over the
+   pieces in order: the same sums on any number of threads. An Inf or NaN decoded value makes
+   the sums non-finite. */
+extern "C" void block_error_sums(const float* x, const uint8_t* q, int64_t nb, int64_t kind, double* sums,
+                                 int64_t threads) {
+    static const int64_t SIZES[10] = {18, 20, 22, 24, 34, 144, 176, 210, 84, 110};
+    const int64_t size = SIZES[kind], bw = kind < 5 ? 32 : 256;
+    const int64_t per_piece = (1 << 17) / bw, pieces = (nb + per_piece - 1) / per_piece;
+    double* part = new double[2 * (pieces > 0 ? pieces : 1)];
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < pieces; ++p) {
+        double err[32] = {0}, ref[32] = {0};
+        const int64_t end = (p + 1) * per_piece < nb ? (p + 1) * per_piece : nb;
+        float y[256];
+        for (int64_t b = p * per_piece; b < end; ++b) {
+            decode_block(q + b * size, kind, y);
+            const float* v = x + b * bw;
+            for (int64_t o = 0; o < bw; o += 32)
+                for (int j = 0; j < 32; ++j) {
+                    const double e = (double)v[o + j] - (double)y[o + j];
+                    err[j] += e * e;
+                    ref[j] += (double)v[o + j] * (double)v[o + j];
+                }
+        }
+        double e = 0.0, r = 0.0;
+        for (int j = 0; j < 32; ++j) {
+            e += err[j];
+            r += ref[j];
+        }
+        part[2 * p] = e;
+        part[2 * p + 1] = r;
+    }
+    double err = 0.0, ref = 0.0;
+    for (int64_t p = 0; p < pieces; ++p) {
+        err += part[2 * p];
+        ref += part[2 * p + 1];
+    }
+    delete[] part;
+    sums[0] = err;
+    sums[1] = ref;
 }
 
 /* iq4.candidate_sums on every block of x, w [33, B] (gapped position-major, rows ldx and ldw
@@ -870,65 +1043,6 @@ extern "C" void k32_levels(const float* x, int64_t ldx, const float* d, const fl
 """
 
 
-# IEEE float32 semantics: no -ffast-math, and no fused multiply-adds (GCC contracts a*b + c
-# into one by default wherever -march allows it, which changes the rounding).
-NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math",
-                "-std=c++17", "-fPIC", "-shared")
-
-
-def kernel_cache_dir() -> Path:
-    """Where built kernels are kept: $IDEOQUANT_KERNEL_CACHE, else $XDG_CACHE_HOME (or
-    ~/.cache) /ideoquant/kernels."""
-    explicit = os.environ.get("IDEOQUANT_KERNEL_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ideoquant" / "kernels"
-
-
-def _cpu_identity() -> str:
-    """The CPU's model and feature flags (a library built with -march=native runs only on a
-    CPU that has them), or the platform's name where /proc/cpuinfo is absent."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            lines = [ln for ln in fh.read().splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def build_native_library(name: str, source: str) -> ctypes.CDLL:
-    """`source` compiled with the system C++ compiler ($CXX, else c++) into a shared library
-    and loaded; kept under `kernel_cache_dir()` by a hash of the source, the compiler, its
-    flags and the CPU, so that later processes only load it. Concurrent builds are safe: each
-    writes its own temporary file and renames it into place. Raises RuntimeError on failure."""
-    wanted = os.environ.get("CXX")
-    compiler = shutil.which(wanted) if wanted else shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError(f"no C++ compiler ({wanted!r} from $CXX)" if wanted else "no C++ compiler (c++, g++) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([source, compiler, version, *NATIVE_FLAGS, _cpu_identity()]).encode()).hexdigest()
-    cache = kernel_cache_dir()
-    target = cache / f"{name}-{key[:24]}.so"
-    if not target.is_file():
-        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, src_path = tempfile.mkstemp(suffix=".cpp", dir=cache)
-        lib_path = src_path[:-4] + ".so"
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(source)
-            proc = subprocess.run([compiler, *NATIVE_FLAGS, src_path, "-o", lib_path], capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                first = (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[0]
-                raise RuntimeError(f"{Path(compiler).name} failed: {first}")
-            os.replace(lib_path, target)
-        finally:
-            for leftover in (src_path, lib_path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-    return ctypes.CDLL(str(target))
-
-
 @functools.cache
 def search_library():
     """`SEARCH_SOURCE` built and loaded (a ctypes library), or None where it cannot be built
@@ -958,6 +1072,8 @@ def search_library():
         lib.qx_rows.restype = None
         lib.ref32_encode.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
         lib.ref32_encode.restype = None
+        lib.block_error_sums.argtypes = [ptr, ptr, i64, i64, ptr, i64]
+        lib.block_error_sums.restype = None
         lib.iq4_candidate_sums.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64]
         lib.iq4_candidate_sums.restype = None
         lib.q3_search.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
@@ -1126,13 +1242,13 @@ def qx_rows_cpp(kernel: Callable[..., None], x: torch.Tensor, qw: torch.Tensor, 
 
 
 def compiled_ref32() -> Callable[..., None] | None:
-    """ggml's `_ref` encoders of Q4_0, Q4_1, Q5_0 and Q5_1 in C++ (`ref32_cpp`'s kernel), or None."""
+    """ggml's `_ref` encoders of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 in C++ (`ref32_cpp`'s kernel), or None."""
     lib = search_library()
     return None if lib is None else lib.ref32_encode
 
 
 # ref32_encode's kind and block bytes per type.
-REF32_KINDS = {"Q4_0": (0, 18), "Q4_1": (1, 20), "Q5_0": (2, 22), "Q5_1": (3, 24)}
+REF32_KINDS = {"Q4_0": (0, 18), "Q4_1": (1, 20), "Q5_0": (2, 22), "Q5_1": (3, 24), "Q8_0": (4, 34)}
 
 
 def ref32_cpp(kernel: Callable[..., None], name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1145,6 +1261,31 @@ def ref32_cpp(kernel: Callable[..., None], name: str, x: torch.Tensor) -> tuple[
     d, m = torch.empty(B, dtype=torch.float32), torch.empty(B, dtype=torch.float32)
     kernel(x.data_ptr(), B, kind, out.data_ptr(), d.data_ptr(), m.data_ptr(), max(1, torch.get_num_threads()))
     return out, d, m
+
+
+def compiled_error_sums() -> Callable[..., None] | None:
+    """The squared error of encoded blocks in C++ (`error_sums_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.block_error_sums
+
+
+# block_error_sums' kind, weights per block and bytes per block of each type it decodes.
+ERROR_KINDS = {"Q4_0": (0, 32, 18), "Q4_1": (1, 32, 20), "Q5_0": (2, 32, 22), "Q5_1": (3, 32, 24),
+               "Q8_0": (4, 32, 34), "Q4_K": (5, 256, 144), "Q5_K": (6, 256, 176), "Q6_K": (7, 256, 210),
+               "Q2_K": (8, 256, 84), "Q3_K": (9, 256, 110)}
+
+
+def error_sums_cpp(kernel: Callable[..., None], name: str, x: torch.Tensor, data: torch.Tensor) -> tuple[float, float]:
+    """(sum of (x - decoded)^2, sum of x^2) in float64 for float32 weights x and their `name`
+    blocks data (uint8), decoded as the gguf package does."""
+    kind, weights, size = ERROR_KINDS[name]
+    x = x.to(torch.float32).contiguous()
+    data = data.contiguous()
+    if x.numel() % weights or data.numel() != x.numel() // weights * size:
+        raise ValueError(f"{name}: {data.numel()} bytes do not hold {x.numel()} weights")
+    sums = torch.empty(2, dtype=torch.float64)
+    kernel(x.data_ptr(), data.data_ptr(), x.numel() // weights, kind, sums.data_ptr(), max(1, torch.get_num_threads()))
+    return float(sums[0]), float(sums[1])
 
 
 def compiled_iq4_sums() -> Callable[..., None] | None:

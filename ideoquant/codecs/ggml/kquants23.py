@@ -402,10 +402,9 @@ def _encode_q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     dj = (fp16_round(d).unsqueeze(0) * (ls - 32).to(_F32)).view(-1)
     L = _requantize(X, L.sub_(4.0), dj, 0.0, -4, 3)  # the search's levels carry the +4 already
     L.add_(4.0)
-    L256 = _superblock_levels(L, nsb)
-    high = L256 > 3
-    L256 = torch.where(high, L256 - 4, L256)
-    hbits = high.view(8, 32, nsb).to(torch.uint8)  # [bit, byte, nsb]
+    L256 = _superblock_levels(L, nsb)  # levels 0..7: bit 2 goes to hmask, bits 0-1 to qs
+    hbits = (L256 >> 2).view(8, 32, nsb)  # [bit, byte, nsb]
+    L256 &= 3
     hmask = torch.zeros((32, nsb), dtype=torch.uint8)
     for b in range(8):
         hmask |= hbits[b] << b

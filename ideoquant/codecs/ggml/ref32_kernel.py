@@ -1,6 +1,6 @@
-"""ggml's `_ref` encoders of the 32-weight block types Q4_0, Q4_1, Q5_0 and Q5_1 (no importance
-matrix) through the C++ library of `fused_kernel` (`ref32_encode`), with the eager encoders
-of `blocks32` as fallback and reference.
+"""ggml's `_ref` encoders of the 32-weight block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (no
+importance matrix) through the C++ library of `fused_kernel` (`ref32_encode`), with the eager
+encoders of `blocks32` as fallback and reference.
 
 Without an importance matrix these encoders are a min/max (or signed absmax) per block and
 one rounding per weight: memory-bound work that eager torch spreads over a dozen passes
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from . import fused_kernel
-from .base import fp16_bytes
+from .base import store_fp16
 from .scale_search import _adversarial_blocks
 
 _F32 = torch.float32
@@ -49,9 +49,9 @@ def _probe_blocks(blocks: int) -> torch.Tensor:
 
 def _with_header(name: str, encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     out, d, m = encoded
-    out[:, 0:2] = fp16_bytes(d)
+    store_fp16(out[:, 0:2], d)
     if name in ("Q4_1", "Q5_1"):
-        out[:, 2:4] = fp16_bytes(m)
+        store_fp16(out[:, 2:4], m)
     return out
 
 
