@@ -1,5 +1,7 @@
-"""Cost of the output-side checks per chunk: the finiteness check in `ErrorMeter.add` and the
-overflow-safe FP8 decode, against the same operations without them.
+"""Cost of the per-chunk work around the encoder: measuring the error (decoding and
+`ErrorMeter.add`, with and without its finiteness check, or the C++ error sums of
+`ErrorMeter.add_encoded`) and the FP8 decode (torch with and without its large-scale
+branch, and the C++ decoder).
 
 Interleaves the variants over many repetitions of one full-width chunk (2 M weights, as the
 converter reads them) and reports the median time of each, so that a busy machine slows all
@@ -18,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ideoquant.codecs.fp8 import fp8_to_float32
+from ideoquant.codecs.fp8 import fp8_to_float32, fp8_to_float32_eager
 from ideoquant.codecs.ggml.registry import ggml_type
 from ideoquant.export.error_meter import ErrorMeter
 from gguf import GGMLQuantizationType
@@ -54,13 +56,22 @@ def main() -> None:
     codes = (exact / exact.abs().amax() * 400).to(torch.float8_e4m3fn)
     scale = torch.rand(rows, 1, generator=g) * 1e-2
 
-    results = {name: [] for name in ("meter, unnamed", "meter, named (finiteness checked)", "fp8 decode, unchecked", "fp8 decode")}
+    data = q8.quantize_rows(exact)
+    q8.error_sums(data, exact)  # builds and checks the kernel outside the timing
+    fp8_to_float32(codes, scale)
+    variants = {
+        "meter, unnamed": lambda: ErrorMeter().add(approx, exact),
+        "meter, named (finiteness checked)": lambda: ErrorMeter("w", "Q8_0").add(approx, exact),
+        "decode + meter, named": lambda: ErrorMeter("w", "Q8_0").add(q8.dequantize_rows(data), exact),
+        "error sums in C++ (add_encoded)": lambda: ErrorMeter("w", "Q8_0").add_encoded(q8, data, exact),
+        "fp8 decode in torch, unchecked": lambda: fp8_to_float32_unchecked(codes, scale),
+        "fp8 decode in torch": lambda: fp8_to_float32_eager(codes, scale),
+        "fp8 decode in C++": lambda: fp8_to_float32(codes, scale),
+    }
+    results = {name: [] for name in variants}
     for _ in range(3):  # interleaved rounds
-        results["meter, unnamed"].append(median_ms(lambda: ErrorMeter().add(approx, exact), args.repeat))
-        results["meter, named (finiteness checked)"].append(
-            median_ms(lambda: ErrorMeter("w", "Q8_0").add(approx, exact), args.repeat))
-        results["fp8 decode, unchecked"].append(median_ms(lambda: fp8_to_float32_unchecked(codes, scale), args.repeat))
-        results["fp8 decode"].append(median_ms(lambda: fp8_to_float32(codes, scale), args.repeat))
+        for name, fn in variants.items():
+            results[name].append(median_ms(fn, args.repeat))
     print(f"{rows} x {width} float32 chunk, {args.threads} thread(s), median of {args.repeat} x 3 rounds")
     for name, ms in results.items():
         print(f"  {name:36s} {min(ms):7.2f} ms (rounds: {', '.join(f'{m:.2f}' for m in ms)})")
