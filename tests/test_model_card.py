@@ -85,6 +85,23 @@ def test_file_table_has_every_file_with_its_size_and_sha256(q8_card):
     assert {p.name for r in results for p in r.files} <= set(table)
 
 
+def test_nf4_card_lists_the_sha256_the_writer_computed_for_each_weight_file(tiny_fp8, tmp_path, monkeypatch):
+    """The weight files' digests come from the writer (not read again) and are the bytes on disk."""
+    from ideoquant.export import model_card
+
+    reread = []
+    real = model_card.sha256_file
+    monkeypatch.setattr(model_card, "sha256_file", lambda path: reread.append(Path(path).name) or real(path))
+    out = tmp_path / "out"
+    convert(str(tiny_fp8), ConvertOptions(fmt="nf4", out=out, quiet=True))
+    table = parse_file_table((out / "README.md").read_text())
+    weights = [name for name in table if name.endswith(".safetensors")]
+    assert len(weights) == 2
+    for name, (size, digest) in table.items():
+        assert size == (out / name).stat().st_size and digest == sha256_of(out / name)
+    assert not any(name.endswith(".safetensors") for name in reread), reread
+
+
 def test_errors_and_sizes_in_the_card_are_the_conversions(q8_card):
     out, results = q8_card
     text = (out / "README.md").read_text()

@@ -74,3 +74,44 @@ def test_read_back_catches_a_wrong_index(tmp_path):
     writer.index_path.write_text(json.dumps(index))
     with pytest.raises(IdeoquantError, match="does not map layers.0.norm.weight"):
         writer.verify()
+
+
+@pytest.mark.parametrize("max_shard_bytes", [1 << 30, 2500])
+def test_each_files_sha256_is_the_bytes_on_disk(tmp_path, max_shard_bytes):
+    """The digest the writer computes on the way (what the model card lists) is hashlib's
+    sha256 of the finished file."""
+    import hashlib
+
+    writer, _ = _write(tmp_path, max_shard_bytes)
+    assert sorted(writer.sha256) == sorted(str(p) for p in writer.paths)
+    for path in writer.paths:
+        assert writer.sha256[str(path)] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_full_disk_in_the_writer_thread_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """ENOSPC raised where the bytes are written (the background thread) reaches the caller
+    as the one-line disk-full error, and the staged file is removed."""
+    import errno
+
+    from ideoquant.io import hashed_stream
+
+    written = {"n": 0}
+
+    class FullDisk:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            written["n"] += 1
+            if written["n"] == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.real.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    real_init = hashed_stream.HashedStream.__init__
+    monkeypatch.setattr(hashed_stream.HashedStream, "__init__", lambda self, fout, written=b"": real_init(self, FullDisk(fout), written))
+    with pytest.raises(IdeoquantError, match="disk full while writing"):
+        _write(tmp_path, 1 << 30)
+    assert list(tmp_path.iterdir()) == []

@@ -175,8 +175,10 @@ def write_int8_folder(
     metadata: dict[str, str] | None = None,
     max_shard_bytes: int = 10 * 2**30,
     progress: Progress | None = None,
+    file_sha256: dict[str, str] | None = None,
 ) -> tuple[list[Path], list[TensorReport]]:
-    """Write one branch folder (config.json + safetensors) for a recipe, then verify it."""
+    """Write one branch folder (config.json + safetensors) for a recipe, then verify it;
+    `file_sha256`, given, receives the sha256 of each weight file as written."""
     check_layout(layout)
     folder = Path(folder)
     plan = output_plan(bs.dims, recipe, layout)
@@ -188,6 +190,8 @@ def write_int8_folder(
     config_path = folder / "config.json"
     outputs.write_text(config_path, json.dumps(branch_config(bs, recipe, layout), indent=2) + "\n")
     writer.verify()
+    if file_sha256 is not None:
+        file_sha256.update(writer.sha256)
     return writer.files + [config_path], written.reports
 
 
@@ -267,8 +271,10 @@ def write_int8_branch(
     recipe = plan_int8(bs.dims, bs.read_float32, stats.branch(bs.branch), settings, gains)
     summary = calibration_summary(stats, Path(options.calibration), bs)
     metadata = {**common_metadata(bs, source, options), "ideoquant.int8.calibration": json.dumps(summary, sort_keys=True)}
+    digests: dict[str, str] = {}
     files, reports = write_int8_folder(
-        bs, recipe, Path(options.out) / bs.branch, outputs, options.layout, metadata, options.max_shard_bytes, progress
+        bs, recipe, Path(options.out) / bs.branch, outputs, options.layout, metadata, options.max_shard_bytes, progress,
+        digests,
     )
     if recipe.factors:
         files.append(write_factors(recipe, Path(options.out), bs.branch, outputs))
@@ -279,4 +285,5 @@ def write_int8_branch(
         recipe={**recipe.metadata(), "calibration": summary},
         source_checksum=bs.checksum(),
         source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
+        file_sha256=digests,
     )

@@ -422,8 +422,10 @@ def write_nf4_folder(
     options: ConvertOptions,
     metadata: dict[str, str] | None = None,
     progress: Progress | None = None,
+    file_sha256: dict[str, str] | None = None,
 ) -> tuple[list[Path], list[TensorReport], dict]:
-    """Write one NF4 branch folder (config.json + safetensors), verify it; (files, reports, recipe)."""
+    """Write one NF4 branch folder (config.json + safetensors), verify it; (files, reports,
+    recipe). `file_sha256`, given, receives the sha256 of each weight file as written."""
     check_layout(options.layout)
     if options.compute_dtype not in COMPUTE_DTYPES:
         raise IdeoquantError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {options.compute_dtype!r}")
@@ -459,6 +461,8 @@ def write_nf4_folder(
     config = branch_config(bs, skip, options.double_quant, options.compute_dtype)
     outputs.write_text(config_path, json.dumps(config, indent=2) + "\n")
     writer.verify()
+    if file_sha256 is not None:
+        file_sha256.update(writer.sha256)
     return paths + ([index_path] if index_path else []) + [config_path], written.reports, recipe
 
 
@@ -467,7 +471,8 @@ def write_nf4_branch(
 ) -> BranchResult:
     """NF4 (bitsandbytes 4-bit) for one branch: a diffusers folder DIR/<branch>/, written streaming, then verified."""
     metadata = common_metadata(bs, source, options)
-    files, reports, recipe = write_nf4_folder(bs, Path(options.out) / bs.branch, outputs, options, metadata, progress)
+    digests: dict[str, str] = {}
+    files, reports, recipe = write_nf4_folder(bs, Path(options.out) / bs.branch, outputs, options, metadata, progress, digests)
     return BranchResult(
         branch=bs.branch,
         files=files,
@@ -475,4 +480,5 @@ def write_nf4_branch(
         recipe=recipe,
         source_checksum=bs.checksum(),
         source_bytes=sum(bs.stored_nbytes(n) for n in bs.specs),
+        file_sha256=digests,
     )

@@ -1,25 +1,22 @@
 """Streaming GGUF file writer on top of `gguf.GGUFWriter`: header, metadata and tensor infos
 first, then each tensor's bytes in chunks, in tensor-info order, each padded to the alignment.
 
-Bytes go to disk from a background thread (file writes and hashing release the GIL), so
-the next chunk is encoded while the last one is written; the sha256 of the whole file is
-computed on the way and checked again by the verification pass.
+Bytes go to disk through a `HashedStream` (a background thread), so the next chunk is
+encoded while the last one is written; the sha256 of the whole file is computed on the way.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import queue
-import threading
 from typing import BinaryIO
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
+from .hashed_stream import HashedStream
+
 ALIGNMENT = 32
-_QUEUED_CHUNKS = 3
 
 
 class GGUFStreamWriter:
@@ -55,35 +52,12 @@ class GGUFStreamWriter:
         w.write_ti_data_to_file()
         w.fout[0].flush()
         self._gguf = w
-        self.fout = w.fout[0]
-        self.sha256 = hashlib.sha256(os.pread(self.fout.fileno(), self.fout.tell(), 0))
-        self.position = self.fout.tell()
+        header = os.pread(w.fout[0].fileno(), w.fout[0].tell(), 0)
+        self._stream = HashedStream(w.fout[0], header)
         self.order = [t[0] for t in tensors]
         self.sizes = {t[0]: t[3] for t in tensors}
         self.index = -1
         self.written = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUED_CHUNKS)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is None:
-                try:
-                    self.fout.write(item)
-                    self.sha256.update(item)
-                except BaseException as e:  # surfaced on the main thread
-                    self._error = e
-
-    def _put(self, data) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(data)
-        self.position += len(data) if isinstance(data, bytes) else data.nbytes
 
     def begin_tensor(self, name: str) -> None:
         """Start the next tensor (must follow tensor-info order)."""
@@ -95,9 +69,9 @@ class GGUFStreamWriter:
 
     def write_chunk(self, data: np.ndarray) -> None:
         """Append raw bytes of the current tensor."""
-        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        self._put(view)
-        self.written += view.nbytes
+        flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        self._stream.put(flat)
+        self.written += flat.nbytes
 
     def end_tensor(self) -> None:
         """Finish the current tensor."""
@@ -106,24 +80,22 @@ class GGUFStreamWriter:
             raise ValueError(f"{name}: wrote {self.written} bytes, planned {self.sizes[name]}")
 
     def _pad(self) -> None:
-        pad = -self.position % ALIGNMENT
+        pad = -self._stream.position % ALIGNMENT
         if pad:
-            self._put(bytes(pad))
+            self._stream.put(bytes(pad))
 
     def finish(self) -> str:
         """Pad the last tensor, flush, close; returns the sha256 of the whole file."""
         if self.index != len(self.order) - 1:
             raise ValueError(f"GGUF file closed after {self.index + 1} of {len(self.order)} tensors")
         self._pad()
-        self.close()
-        return self.sha256.hexdigest()
+        digest = self._stream.finish()
+        self._gguf.close()
+        return digest
 
     def close(self) -> None:
         """Stop the writer thread and close the file (also on failure)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        self._gguf.close()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        try:
+            self._stream.close()
+        finally:
+            self._gguf.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import IdeoquantError
+from .hashed_stream import HashedStream
 from .safetensors_reader import SafetensorsFile
 from .staging import OutputSet
 
@@ -66,31 +67,42 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file; tensors must arrive in plan order. `digests` records the
-    bytes of each tensor written."""
+    """Writes one safetensors file; tensors must arrive in plan order. Their bytes go to disk
+    through a `HashedStream` (a background thread): `digests` records each tensor's bytes
+    once written, `finish` returns the sha256 of the whole file."""
 
     def __init__(self, fh, plan: list[PlannedTensor], metadata: dict[str, str] | None = None):
-        self.fh = fh
         self.plan = plan
         self.next = 0
-        self.digests: dict[str, str] = {}
-        fh.write(_header_bytes(plan, metadata))
+        header = _header_bytes(plan, metadata)
+        fh.write(header)
+        self._stream = HashedStream(fh, header)
+
+    @property
+    def digests(self) -> dict[str, str]:
+        return self._stream.digests
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor."""
+        """Append the next planned tensor (not to be modified afterwards: it may still be queued)."""
         expected = self.plan[self.next]
         if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
             raise ValueError(
                 f"writer expected {expected.name} {expected.dtype} {list(expected.shape)}, "
                 f"got {name} {tensor.dtype} {list(tensor.shape)}"
             )
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self.fh.write(memoryview(data))
-        self.digests[name] = hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
+        self._stream.put(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8), name)
         self.next += 1
 
     def finished(self) -> bool:
         return self.next == len(self.plan)
+
+    def finish(self) -> str:
+        """Wait until every tensor is written; the sha256 of the whole file."""
+        return self._stream.finish()
+
+    def close(self) -> None:
+        """Stop the writer thread (also on failure)."""
+        self._stream.close()
 
 
 def weight_group(name: str) -> str:
@@ -143,6 +155,8 @@ class ShardedSafetensorsOutput:
             self.paths = [self.folder / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.index_path = self.folder / f"{stem}.safetensors.index.json" if n > 1 else None
         self.digests: dict[str, str] = {}
+        # The sha256 of each file as written (for the model card).
+        self.sha256: dict[str, str] = {}
         for p in self.paths + ([self.index_path] if self.index_path else []):
             outputs.claim(p)
 
@@ -152,12 +166,16 @@ class ShardedSafetensorsOutput:
         for shard, path in zip(self.shards, self.paths):
             with self.outputs.writing(path) as staged:
                 writer = SafetensorsWriter(staged.file, shard, self.metadata)
-                while not writer.finished():
-                    try:
-                        name, tensor = next(it)
-                    except StopIteration:
-                        raise IdeoquantError(f"{path}: ran out of tensors before {shard[writer.next].name}") from None
-                    writer.write(name, tensor)
+                try:
+                    while not writer.finished():
+                        try:
+                            name, tensor = next(it)
+                        except StopIteration:
+                            raise IdeoquantError(f"{path}: ran out of tensors before {shard[writer.next].name}") from None
+                        writer.write(name, tensor)
+                    self.sha256[str(path)] = writer.finish()
+                finally:
+                    writer.close()
             self.digests.update(writer.digests)
         if next(it, None) is not None:
             raise IdeoquantError(f"{self.folder}: more tensors than planned")
@@ -202,5 +220,9 @@ def save_safetensors(outputs: OutputSet, path: Path, tensors: dict[str, torch.Te
     plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     with outputs.writing(path) as staged:
         writer = SafetensorsWriter(staged.file, plan, metadata)
-        for n, t in tensors.items():
-            writer.write(n, t)
+        try:
+            for n, t in tensors.items():
+                writer.write(n, t)
+            writer.finish()
+        finally:
+            writer.close()
