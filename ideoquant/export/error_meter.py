@@ -39,7 +39,9 @@ class ErrorMeter:
     millions of values drifts, so dots run over pieces of 1 M values).
 
     Given a tensor `name`, every chunk's decoded values are also checked finite: a
-    non-finite sum of squares (free to see) triggers the exact check."""
+    non-finite sum of squares (free to see) triggers the exact check. `add_encoded` takes
+    ggml blocks instead of decoded values, and sums in float64 in C++ where the type has an
+    error kernel (a non-finite sum there sends the chunk through `add`)."""
 
     PIECE = 1 << 20
 

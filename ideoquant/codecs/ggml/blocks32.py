@@ -17,9 +17,9 @@ from .base import (
     DEFAULT_CHUNK_WEIGHTS,
     GGMLType,
     fp16_bytes,
-    store_fp16,
     fp16_from_bytes,
     round_half_away_inplace,
+    store_fp16,
 )
 from . import fused_kernel, iq4
 from . import ref32_kernel
