@@ -69,7 +69,7 @@ def clear_native_kernels() -> None:
         fused_kernel.search_library, scale_search.fused_qkx_search, scale_search.fused_qx,
         scale_search.fused_qp_step, kquants.fused_pos_major, kquants.fused_imatrix_weights,
         kquants.fused_k32, kquants23.fused_q3_step, kquants23.fused_qkx16,
-        kquants23.fused_k16_weights, blocks32.fused_row_weights, blocks32.fused_qx_rows,
+        kquants23.fused_k16_weights, kquants23.fused_k16_pack, blocks32.fused_row_weights, blocks32.fused_qx_rows,
         ref32_kernel.compiled_encoder, error_kernel.compiled_error_sums, iq4.compiled_candidate_sums,
         fp8.compiled_fp8_decoder,
     ):

@@ -243,6 +243,35 @@ def test_q2_k_q3_k_importance_weights_through_the_compiled_kernel_match_ggml(ref
     assert {1.0, 2.0} <= set(calls)
 
 
+@needs_compiler
+def test_q2_k_q3_k_final_levels_through_the_compiled_packing_match_ggml(ref, fresh_short_kernels, monkeypatch):
+    """Every Q2_K and Q3_K vector, without and with an importance matrix, its final levels and
+    packing from the C++ kernel (counted per type, so a fallback cannot pass unseen)."""
+    calls = []
+    real = fused_kernel.k16_pack_cpp
+    monkeypatch.setattr(fused_kernel, "k16_pack_cpp", lambda *a: calls.append(a[1]) or real(*a))
+    assert kquants23.fused_k16_pack() is not None  # its self-check runs here, before counting
+    calls.clear()
+    cases = [k for k in REFERENCE_KEYS if k[2] in ("Q2_K", "Q3_K")]
+    assert {k[3] for k in cases} >= {"", "+imatrix_ones", "+imatrix_random"}
+    _assert_matches_vectors(ref, cases)
+    assert set(calls) == {False, True}  # Q2_K's and Q3_K's
+
+
+@needs_compiler
+def test_a_packing_kernel_that_disagrees_is_not_used(ref, fresh_short_kernels, monkeypatch, caplog):
+    real = fused_kernel.k16_pack_cpp
+
+    def one_bit_off(kernel, q3, X, keep, dj, dmj, out, qs_at):
+        real(kernel, q3, X, keep, dj, dmj, out, qs_at)
+        out[-1, qs_at] ^= 1
+
+    monkeypatch.setattr(fused_kernel, "k16_pack_cpp", one_bit_off)
+    assert kquants23.fused_k16_pack() is None
+    assert "compiled Q2_K/Q3_K level packing not used" in caplog.text
+    _assert_matches_vectors(ref, [k for k in REFERENCE_KEYS if k[2] in ("Q2_K", "Q3_K")][:8])
+
+
 def test_q2_k_q3_k_importance_weights_eager_match_ggml(ref, fresh_short_kernels, monkeypatch):
     monkeypatch.setenv("IDEOQUANT_FUSED", "0")
     assert kquants23.fused_k16_weights() is None

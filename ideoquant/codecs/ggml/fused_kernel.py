@@ -10,8 +10,8 @@
   the same on the 32-weight blocks of whole rows with their importance weights (Q4_0 and
   Q5_0 with an importance matrix);
 * `q3_search_cpp`: make_q3_quants (Q3_K without one); `qkx16_fit_cpp`: make_qkx on Q2_K's
-  16-weight sub-blocks; `k32_fit_cpp`, `k32_levels_cpp`: the whole search and final levels
-  of Q4_K/Q5_K;
+  16-weight sub-blocks; `k16_pack_cpp`: Q2_K's and Q3_K's final levels, packed;
+  `k32_fit_cpp`, `k32_levels_cpp`: the whole search and final levels of Q4_K/Q5_K;
 * `ref32_cpp`: the `_ref` encoders of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (no importance
   matrix); `iq4_sums_cpp`: the candidate sums of the IQ4_NL/IQ4_XS scale search;
 * `error_sums_cpp`: the squared error of encoded blocks (those types and the K-quants)
@@ -720,6 +720,56 @@ extern "C" void ref32_encode(const float* x, int64_t B, int64_t kind, uint8_t* o
     }
 }
 
+/* The final levels of Q2_K (kind 0) and Q3_K (kind 1) once their scales are fixed, packed.
+   Sub-block j of a super-block (16 weights) has level MAX(lo, MIN(hi, nearest_int((x + dm) /
+   d))) with d = dj[j] (Q2_K: lo 0, hi 3, dm = dmj[j]; Q3_K: lo -4, hi 3, dm none, then + 4),
+   and where d is 0 the search's level in K (Q3_K's with its + 4 already). X, K [16 pos,
+   16 sub, nsb] position-major; dj, dmj [16 sub, nsb]. Each super-block b gets its qs (bits 2s
+   of byte 32h + i: the two low bits of weight 128h + 32s + i) at out + b*ld + qs_at and, for
+   Q3_K, its hmask (bit p/32 of byte p%32: bit 2 of weight p's level) at out + b*ld. */
+extern "C" void k16_pack(const float* X, const float* K, const float* dj, const float* dmj, int64_t nsb, int64_t kind,
+                         uint8_t* out, int64_t ld, int64_t qs_at, int64_t threads) {
+    const int lo = kind == 0 ? 0 : -4, hi = 3, shift = kind == 0 ? 0 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < nsb; ++b) {
+        uint8_t L[256];
+        for (int s = 0; s < 16; ++s) {
+            const float d = dj[s * nsb + b], dm = kind == 0 ? dmj[s * nsb + b] : 0.0f;
+            for (int p = 0; p < 16; ++p) {
+                const int64_t at = ((int64_t)p * 16 + s) * nsb + b;
+                int l;
+                if (d == 0.0f) {
+                    l = (int)K[at];
+                } else {
+                    const float v = kind == 0 ? (X[at] + dm) / d : X[at] / d;
+                    float t = v + 12582912.0f;
+                    int32_t bits;
+                    memcpy(&bits, &t, 4);
+                    l = (bits & 0x007FFFFF) - 0x00400000;
+                    l = (l < hi ? l : hi);
+                    l = (l > lo ? l : lo) + shift;
+                }
+                L[16 * s + p] = (uint8_t)l;
+            }
+        }
+        uint8_t* row = out + b * ld;
+        if (kind == 1) {
+            uint8_t hm[32] = {0};
+            for (int w = 0; w < 256; ++w) {
+                hm[w % 32] |= (uint8_t)(((L[w] >> 2) & 1) << (w / 32));
+                L[w] &= 3;
+            }
+            memcpy(row, hm, 32);
+        }
+        uint8_t* qs = row + qs_at;
+        for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < 32; ++i) {
+                const uint8_t* q = L + 128 * h + i;
+                qs[32 * h + i] = (uint8_t)(q[0] | (q[32] << 2) | (q[64] << 4) | (q[96] << 6));
+            }
+    }
+}
+
 /* An fp16 bit pattern as float32, exactly (subnormals as m * 2^-24). */
 static inline float half_to_float(const uint8_t* p) {
     const uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
@@ -1072,6 +1122,8 @@ def search_library():
         lib.qx_rows.restype = None
         lib.ref32_encode.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
         lib.ref32_encode.restype = None
+        lib.k16_pack.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, i64]
+        lib.k16_pack.restype = None
         lib.block_error_sums.argtypes = [ptr, ptr, i64, i64, ptr, i64]
         lib.block_error_sums.restype = None
         lib.iq4_candidate_sums.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64]
@@ -1261,6 +1313,26 @@ def ref32_cpp(kernel: Callable[..., None], name: str, x: torch.Tensor) -> tuple[
     d, m = torch.empty(B, dtype=torch.float32), torch.empty(B, dtype=torch.float32)
     kernel(x.data_ptr(), B, kind, out.data_ptr(), d.data_ptr(), m.data_ptr(), max(1, torch.get_num_threads()))
     return out, d, m
+
+
+def compiled_k16_pack() -> Callable[..., None] | None:
+    """The final levels and packing of Q2_K/Q3_K in C++ (`k16_pack_cpp`'s kernel), or None."""
+    lib = search_library()
+    return None if lib is None else lib.k16_pack
+
+
+def k16_pack_cpp(kernel: Callable[..., None], q3: bool, X: torch.Tensor, keep: torch.Tensor, dj: torch.Tensor,
+                 dmj: torch.Tensor | None, out: torch.Tensor, qs_at: int) -> None:
+    """Q2_K's (q3 False) or Q3_K's final levels from X, keep [16, 16 * nsb] position-major and
+    the sub-block scales dj (and Q2_K's mins dmj) [16 * nsb], packed into out uint8 [nsb, type_size]:
+    qs at byte qs_at of each row, and Q3_K's hmask at byte 0."""
+    X, keep, dj = (t.to(torch.float32).contiguous() for t in (X, keep, dj))
+    nsb = out.shape[0]
+    if X.numel() != 256 * nsb or keep.numel() != X.numel() or dj.numel() != 16 * nsb or not out.is_contiguous():
+        raise ValueError("k16_pack: operands do not match the output's super-blocks")
+    mins = dj if dmj is None else dmj.to(torch.float32).contiguous()
+    kernel(X.data_ptr(), keep.data_ptr(), dj.data_ptr(), mins.data_ptr(), nsb, int(q3), out.data_ptr(), out.shape[1],
+           qs_at, max(1, torch.get_num_threads()))
 
 
 def compiled_error_sums() -> Callable[..., None] | None:

@@ -17,7 +17,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import fused_kernel
-from .base import fp16_bytes, fp16_from_bytes
+from .base import fp16_from_bytes, store_fp16
 from .kquants import _KQuant, _superblocks_pos_major
 from .scale_search import (
     GROUP_MAX_EPS,
@@ -325,6 +325,67 @@ def _requantize(X: torch.Tensor, keep: torch.Tensor, dj: torch.Tensor, offset: t
     return _nearest_clamped(v, lo, hi)
 
 
+def _final_levels_packed_eager(q3: bool, X: torch.Tensor, keep: torch.Tensor, dj: torch.Tensor,
+                               dmj: torch.Tensor | None, out: torch.Tensor, qs_at: int) -> None:
+    """`fused_kernel.k16_pack_cpp` in torch: the levels from the fixed scales (the search's
+    `keep` where a scale is 0), then qs (and Q3_K's hmask) written into out."""
+    nsb = out.shape[0]
+    if q3:
+        L = _requantize(X, keep - 4.0, dj, 0.0, -4, 3).add_(4.0)
+    else:
+        L = _requantize(X, keep, dj, dmj, 0, 3)
+    L256 = _superblock_levels(L, nsb)  # Q3_K's levels 0..7: bit 2 goes to hmask, bits 0-1 to qs
+    if q3:
+        hbits = (L256 >> 2).view(8, 32, nsb)  # [bit, byte, nsb]
+        L256 &= 3
+        hmask = torch.zeros((32, nsb), dtype=torch.uint8)
+        for b in range(8):
+            hmask |= hbits[b] << b
+        out[:, 0:32] = hmask.permute(1, 0)
+    out[:, qs_at : qs_at + 64] = _pack_2bit(L256)
+
+
+@functools.cache
+def fused_k16_pack() -> Callable[..., None] | None:
+    """The C++ final levels and packing of Q2_K/Q3_K (`fused_kernel.k16_pack_cpp`), once they
+    have written the array code's bytes here on probe super-blocks (scales of zero, either
+    sign, and tiny enough to saturate the levels included); else None."""
+    kernel = fused_kernel.compiled_k16_pack()
+    if kernel is None:
+        return None
+    run = functools.partial(fused_kernel.k16_pack_cpp, kernel)
+    gen = torch.Generator().manual_seed(29)
+    nsb = 37
+    X = torch.randn(_SUB, _NSUB * nsb, generator=gen)
+    dj = torch.randn(_NSUB * nsb, generator=gen) * 0.5
+    dj[::7] = 0.0
+    dj[3::11] = 1e-30
+    dmj = torch.rand(_NSUB * nsb, generator=gen)
+    probes = []
+    for q3, keep, at, size in ((False, torch.randint(0, 4, X.shape, generator=gen), 16, 84),
+                               (True, torch.randint(0, 8, X.shape, generator=gen), 32, 110)):
+        probes.append((q3, X, keep.to(_F32), dj, None if q3 else dmj, size, at))
+
+    def packed(fn, q3, X, keep, dj, dmj, size, at):
+        out = torch.zeros((nsb, size), dtype=torch.uint8)
+        fn(q3, X, keep, dj, dmj, out, at)
+        return out.to(_F32)  # (bytes as exact floats: matching_kernel compares 32-bit patterns)
+
+    return matching_kernel("Q2_K/Q3_K level packing", lambda *p: packed(run, *p), kernel,
+                           lambda *p: packed(_final_levels_packed_eager, *p), probes)
+
+
+def _final_levels_packed(q3: bool, X: torch.Tensor, keep: torch.Tensor, dj: torch.Tensor,
+                         dmj: torch.Tensor | None, out: torch.Tensor, qs_at: int) -> None:
+    """Q2_K's or Q3_K's final levels packed into out (see `_final_levels_packed_eager`): C++
+    where available and exact here."""
+    kernel = fused_k16_pack()
+    if kernel is None:
+        _final_levels_packed_eager(q3, X, keep, dj, dmj, out, qs_at)
+    else:
+        fused_kernel.k16_pack_cpp(kernel, q3, X, keep, dj, dmj, out, qs_at)
+
+
 # --------------------------------------------------------------------------------------------
 # Q2_K
 # --------------------------------------------------------------------------------------------
@@ -358,9 +419,12 @@ def _encode_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         sc = (ls | (lm << 4)) & 0xFF
     dj = (fp16_round(d).unsqueeze(0) * (sc & 0xF).to(_F32)).view(-1)
     dmj = (fp16_round(dmin).unsqueeze(0) * (sc >> 4).to(_F32)).view(-1)
-    L = _requantize(X, L, dj, dmj, 0, 3)
-    qs = _pack_2bit(_superblock_levels(L, nsb))
-    return torch.cat([sc.to(torch.uint8).permute(1, 0), qs, fp16_bytes(d), fp16_bytes(dmin)], dim=1)
+    out = torch.empty((nsb, 84), dtype=torch.uint8)
+    out[:, 0:16] = sc.to(torch.uint8).permute(1, 0)
+    _final_levels_packed(False, X, L, dj, dmj, out, 16)
+    store_fp16(out[:, 80:82], d)
+    store_fp16(out[:, 82:84], dmin)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,15 +464,11 @@ def _encode_q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         d, Ls = make_qx(scales.view(_NSUB, nsb), sw, 32, gapped=False)
         ls = Ls.to(torch.int32)
     dj = (fp16_round(d).unsqueeze(0) * (ls - 32).to(_F32)).view(-1)
-    L = _requantize(X, L.sub_(4.0), dj, 0.0, -4, 3)  # the search's levels carry the +4 already
-    L.add_(4.0)
-    L256 = _superblock_levels(L, nsb)  # levels 0..7: bit 2 goes to hmask, bits 0-1 to qs
-    hbits = (L256 >> 2).view(8, 32, nsb)  # [bit, byte, nsb]
-    L256 &= 3
-    hmask = torch.zeros((32, nsb), dtype=torch.uint8)
-    for b in range(8):
-        hmask |= hbits[b] << b
-    return torch.cat([hmask.permute(1, 0), _pack_2bit(L256), _pack_scales_q3(ls), fp16_bytes(d)], dim=1)
+    out = torch.empty((nsb, 110), dtype=torch.uint8)
+    _final_levels_packed(True, X, L, dj, None, out, 32)  # the search's levels carry the +4 already
+    out[:, 96:108] = _pack_scales_q3(ls)
+    store_fp16(out[:, 108:110], d)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
