@@ -1,7 +1,6 @@
 """The squared error of encoded blocks against their source weights, in one C++ pass that
 decodes each block as the gguf package does and sums on the fly (`fused_kernel.error_sums_cpp`),
-for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K to Q6_K (not IQ4_NL/IQ4_XS, whose
-encoders cost far more than their decoding).
+for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q2_K to Q6_K, IQ4_NL and IQ4_XS.
 
 A conversion reports each tensor's relative error. Decoding a chunk into a float32 copy and
 measuring it costs more than encoding it for the cheaper types; the kernel reads the bytes
@@ -18,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from . import fused_kernel
+from .iq4 import KVALUES_IQ4NL
 
 # Relative agreement the C++ sums must reach with float64 sums of the decoded blocks.
 TOLERANCE = 1e-12
@@ -54,7 +54,7 @@ def compiled_error_sums(name: str, decode: Callable[[torch.Tensor], torch.Tensor
         return None
 
     def sums(x: torch.Tensor, data: torch.Tensor) -> tuple[float, float]:
-        return fused_kernel.error_sums_cpp(kernel, name, x, data)
+        return fused_kernel.error_sums_cpp(kernel, name, x, data, KVALUES_IQ4NL)
 
     try:
         x, data = _probe(name)

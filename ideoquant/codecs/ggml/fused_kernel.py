@@ -14,7 +14,7 @@
   `k32_fit_cpp`, `k32_levels_cpp`: the whole search and final levels of Q4_K/Q5_K;
 * `ref32_cpp`: the `_ref` encoders of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (no importance
   matrix); `iq4_sums_cpp`: the candidate sums of the IQ4_NL/IQ4_XS scale search;
-* `error_sums_cpp`: the squared error of encoded blocks (those types and the K-quants)
+* `error_sums_cpp`: the squared error of encoded blocks (those types, the K-quants, IQ4)
   against their source, each block decoded as the gguf package does and summed on the fly.
 
 Exactness. Each kernel is float32 arithmetic in ggml's order: products and sums are spelled
@@ -789,9 +789,28 @@ static inline float half_to_float(const uint8_t* p) {
    Q6_K, Q2_K, Q3_K): d * (q - 8), d * q + m, d * (q - 16), d * q + m, d * q; (d * sc) * q -
    (dmin * m) per 32-weight sub-block of Q4_K/Q5_K; (q - 32) * (d * sc) per 16 weights of Q6_K;
    q * (d * sc) - dmin * m per 16 of Q2_K; (q - 4 where the high bit is clear) * (d * (sc - 32))
-   per 16 of Q3_K. */
-static inline void decode_block(const uint8_t* blk, int64_t kind, float* y) {
-    if (kind == 4) {
+   per 16 of Q3_K; kinds 10 and 11, IQ4_NL [32] and IQ4_XS [256]: d * codebook[q], and
+   codebook[q] * (d * (sc - 32)) per 32 of IQ4_XS. */
+static inline void decode_block(const uint8_t* blk, int64_t kind, const float* codebook, float* y) {
+    if (kind == 10) {
+        const float d = half_to_float(blk);
+        for (int j = 0; j < 16; ++j) {
+            y[j] = d * codebook[blk[2 + j] & 0xF];
+            y[j + 16] = d * codebook[blk[2 + j] >> 4];
+        }
+    } else if (kind == 11) {
+        const float d = half_to_float(blk);
+        const uint32_t scales_h = (uint32_t)blk[2] | ((uint32_t)blk[3] << 8);
+        for (int ib = 0; ib < 8; ++ib) {
+            const int ls = ((blk[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (int)(((scales_h >> (2 * ib)) & 3) << 4);
+            const float dl = d * (float)(ls - 32);
+            const uint8_t* qs = blk + 8 + 16 * ib;
+            for (int j = 0; j < 16; ++j) {
+                y[32 * ib + j] = codebook[qs[j] & 0xF] * dl;
+                y[32 * ib + j + 16] = codebook[qs[j] >> 4] * dl;
+            }
+        }
+    } else if (kind == 4) {
         const float d = half_to_float(blk);
         for (int j = 0; j < 32; ++j) y[j] = d * (float)(int8_t)blk[2 + j];
     } else if (kind < 4) {
@@ -883,14 +902,14 @@ static inline void decode_block(const uint8_t* blk, int64_t kind, float* y) {
 }
 
 /* sums[0] = sum of (x - decoded)^2 and sums[1] = sum of x^2 in double, over nb blocks of
-   kind 0-9 (see decode_block): x [nb, 32 or 256] float32, q [nb, type_size] their bytes. One
+   kind 0-11 (see decode_block; codebook: the 16 IQ4 values): x [nb, 32 or 256] float32, q [nb, type_size] their bytes. One
    sum per position mod 32 (the loop vectorizes) over pieces of 128 Ki weights, then over the
    pieces in order: the same sums on any number of threads. An Inf or NaN decoded value makes
    the sums non-finite. */
-extern "C" void block_error_sums(const float* x, const uint8_t* q, int64_t nb, int64_t kind, double* sums,
-                                 int64_t threads) {
-    static const int64_t SIZES[10] = {18, 20, 22, 24, 34, 144, 176, 210, 84, 110};
-    const int64_t size = SIZES[kind], bw = kind < 5 ? 32 : 256;
+extern "C" void block_error_sums(const float* x, const uint8_t* q, int64_t nb, int64_t kind, const float* codebook,
+                                 double* sums, int64_t threads) {
+    static const int64_t SIZES[12] = {18, 20, 22, 24, 34, 144, 176, 210, 84, 110, 18, 136};
+    const int64_t size = SIZES[kind], bw = kind < 5 || kind == 10 ? 32 : 256;
     const int64_t per_piece = (1 << 17) / bw, pieces = (nb + per_piece - 1) / per_piece;
     double* part = new double[2 * (pieces > 0 ? pieces : 1)];
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -899,7 +918,7 @@ extern "C" void block_error_sums(const float* x, const uint8_t* q, int64_t nb, i
         const int64_t end = (p + 1) * per_piece < nb ? (p + 1) * per_piece : nb;
         float y[256];
         for (int64_t b = p * per_piece; b < end; ++b) {
-            decode_block(q + b * size, kind, y);
+            decode_block(q + b * size, kind, codebook, y);
             const float* v = x + b * bw;
             for (int64_t o = 0; o < bw; o += 32)
                 for (int j = 0; j < 32; ++j) {
@@ -1124,7 +1143,7 @@ def search_library():
         lib.ref32_encode.restype = None
         lib.k16_pack.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, i64]
         lib.k16_pack.restype = None
-        lib.block_error_sums.argtypes = [ptr, ptr, i64, i64, ptr, i64]
+        lib.block_error_sums.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64]
         lib.block_error_sums.restype = None
         lib.iq4_candidate_sums.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, i64]
         lib.iq4_candidate_sums.restype = None
@@ -1344,19 +1363,22 @@ def compiled_error_sums() -> Callable[..., None] | None:
 # block_error_sums' kind, weights per block and bytes per block of each type it decodes.
 ERROR_KINDS = {"Q4_0": (0, 32, 18), "Q4_1": (1, 32, 20), "Q5_0": (2, 32, 22), "Q5_1": (3, 32, 24),
                "Q8_0": (4, 32, 34), "Q4_K": (5, 256, 144), "Q5_K": (6, 256, 176), "Q6_K": (7, 256, 210),
-               "Q2_K": (8, 256, 84), "Q3_K": (9, 256, 110)}
+               "Q2_K": (8, 256, 84), "Q3_K": (9, 256, 110), "IQ4_NL": (10, 32, 18), "IQ4_XS": (11, 256, 136)}
 
 
-def error_sums_cpp(kernel: Callable[..., None], name: str, x: torch.Tensor, data: torch.Tensor) -> tuple[float, float]:
+def error_sums_cpp(kernel: Callable[..., None], name: str, x: torch.Tensor, data: torch.Tensor,
+                   codebook: tuple[int, ...]) -> tuple[float, float]:
     """(sum of (x - decoded)^2, sum of x^2) in float64 for float32 weights x and their `name`
-    blocks data (uint8), decoded as the gguf package does."""
+    blocks data (uint8), decoded as the gguf package does (`codebook`: IQ4's 16 values)."""
     kind, weights, size = ERROR_KINDS[name]
     x = x.to(torch.float32).contiguous()
     data = data.contiguous()
     if x.numel() % weights or data.numel() != x.numel() // weights * size:
         raise ValueError(f"{name}: {data.numel()} bytes do not hold {x.numel()} weights")
     sums = torch.empty(2, dtype=torch.float64)
-    kernel(x.data_ptr(), data.data_ptr(), x.numel() // weights, kind, sums.data_ptr(), max(1, torch.get_num_threads()))
+    values = torch.tensor(codebook, dtype=torch.float32)
+    kernel(x.data_ptr(), data.data_ptr(), x.numel() // weights, kind, values.data_ptr(), sums.data_ptr(),
+           max(1, torch.get_num_threads()))
     return float(sums[0]), float(sums[1])
 
 
