@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .native import build_native_library, fused_requested
+from .native import build_native_library, failure_reason, fused_requested
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,6 @@ def compiled_fp8_decoder() -> Callable[..., None] | None:
             return kernel
         reason = "its results differ from torch's on this machine"
     except Exception as exc:  # noqa: BLE001 - no compiler, say: use the torch code
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = failure_reason(exc)
     log.warning("compiled FP8 decoder not used (%s); decoding in torch", reason)
     return None

@@ -26,6 +26,12 @@ def fused_requested() -> bool:
     return os.environ.get("IDEOQUANT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def failure_reason(exc: BaseException) -> str:
+    """A kernel's build or self-check failure in one line, for the warning that it is not used."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 # IEEE float32 semantics: no -ffast-math, and no fused multiply-adds (GCC contracts a*b + c
 # into one by default wherever -march allows it, which changes the rounding).
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math",

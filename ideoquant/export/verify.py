@@ -198,22 +198,18 @@ class GGUFTensors:
         self.reader = GGUFReader(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
 
-    def _rows(self, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
-        t = self.tensors[name]
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-        return torch.from_numpy(np.asarray(t.data).reshape(-1).view(np.uint8).reshape(rows, -1).copy()), shape
-
-    def dequantize(self, name: str) -> torch.Tensor:
-        """A tensor decoded to float32 in torch order."""
-        raw, shape = self._rows(name)
-        return ggml_type(self.tensors[name].tensor_type).dequantize_rows(raw).reshape(shape)
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in torch order."""
+        return tuple(int(x) for x in reversed(self.tensors[name].shape.tolist()))
 
     def relative_error(self, name: str, exact: torch.Tensor) -> float:
-        """The tensor's relative error against `exact`, measured as the conversion measured it."""
-        raw, _ = self._rows(name)
+        """The tensor's relative error against `exact` (of its shape), measured from its blocks
+        as the conversion measured it."""
+        shape = self.shape(name)
+        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        raw = torch.from_numpy(np.asarray(self.tensors[name].data).reshape(-1).view(np.uint8).reshape(rows, -1).copy())
         cls = ggml_type(self.tensors[name].tensor_type)
-        return ErrorMeter().add_encoded(cls, raw, exact.reshape(raw.shape[0], -1).to(torch.float32)).relative()
+        return ErrorMeter().add_encoded(cls, raw, exact.reshape(rows, -1).to(torch.float32)).relative()
 
 
 class FolderTensors:
@@ -290,6 +286,15 @@ class FolderTensors:
         parts = [self._dequantize_key(k) for k in self._keys(name)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A report tensor's shape (split parts stacked along the first dimension)."""
+        shapes = [tuple(self._logical_shape(k)) for k in self._keys(name)]
+        return shapes[0] if len(shapes) == 1 else (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def relative_error(self, name: str, exact: torch.Tensor) -> float:
+        """The tensor's relative error against `exact` (of its shape), decoded."""
+        return relative_error(self.dequantize(name), exact)
+
 
 def open_outputs(folder: Path, report: dict, branch: str) -> GGUFTensors | FolderTensors:
     """Check one branch's structure and return a reader of its tensors."""
@@ -361,16 +366,13 @@ def compare_with_source(folder: Path, report: dict, readers: dict, src: str) -> 
             if canonical in smoothed and smoothing is None:
                 skipped += 1
                 continue
-            approx = readers[branch].dequantize(t["name"])
             exact = sources.get(t["name"])
-            if approx.shape != exact.shape:
+            stored_shape = readers[branch].shape(t["name"])
+            if stored_shape != tuple(exact.shape):
                 raise IdeoquantError(
-                    f"{folder}: {branch} tensor {t['name']} has shape {list(approx.shape)}, the source {list(exact.shape)}"
+                    f"{folder}: {branch} tensor {t['name']} has shape {list(stored_shape)}, the source {list(exact.shape)}"
                 )
-            if isinstance(readers[branch], GGUFTensors):
-                err = readers[branch].relative_error(t["name"], exact)
-            else:
-                err = relative_error(approx, exact)
+            err = readers[branch].relative_error(t["name"], exact)
             reported = t.get("rel_error")
             if reported is not None:
                 if not _close(err, reported):

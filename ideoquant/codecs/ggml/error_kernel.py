@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..native import failure_reason
 from . import fused_kernel
 from .iq4 import KVALUES_IQ4NL
 
@@ -65,6 +66,6 @@ def compiled_error_sums(name: str, decode: Callable[[torch.Tensor], torch.Tensor
             return sums
         reason = f"its sums {got} differ from the decoder's {want}"
     except Exception as exc:  # noqa: BLE001 - a library without the symbol, say
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = failure_reason(exc)
     fused_kernel.log.warning("compiled %s error sums not used (%s); decoding instead", name, reason)
     return None

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..native import failure_reason
 from . import fused_kernel
 from .scale_search import GROUP_MAX_EPS, _adversarial_blocks, exact_div, gapped33
 
@@ -124,7 +125,7 @@ def compiled_candidate_sums() -> Callable[..., torch.Tensor] | None:
         else:
             return step
     except Exception as exc:  # noqa: BLE001 - a library without the symbol, say
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = failure_reason(exc)
     fused_kernel.log.warning("compiled IQ4 kernel not used (%s); using the eager encoder", reason)
     return None
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..native import failure_reason
 from . import fused_kernel
 from .base import store_fp16
 from .scale_search import _adversarial_blocks
@@ -72,7 +73,7 @@ def compiled_encoder(name: str, eager: Callable[[torch.Tensor], torch.Tensor]) -
             return encode
         reason = "its results differ from the eager code on this machine"
     except Exception as exc:  # noqa: BLE001 - a library without the symbol, say
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = failure_reason(exc)
     fused_kernel.log.warning("compiled %s kernel not used (%s); using the eager encoder", name, reason)
     return None
 

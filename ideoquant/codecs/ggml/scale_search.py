@@ -43,6 +43,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..native import failure_reason
 from . import fused_kernel
 
 QK_K = 256
@@ -399,7 +400,7 @@ def fused_qkx_search() -> Callable[..., torch.Tensor] | None:
             return search
         reason = "its results differ from the eager code on this machine"
     except Exception as exc:  # noqa: BLE001 - a broken build surfaces on the first call
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = failure_reason(exc)
     fused_kernel.log.warning("fused K-quant kernel not used (%s); using the eager encoder", reason)
     return None
 
@@ -661,7 +662,7 @@ def matching_kernel(name: str, run: Callable[..., torch.Tensor], kernel, eager: 
             return kernel
         reason = "its results differ from the eager code on this machine"
     except Exception as exc:  # noqa: BLE001 - compile errors surface on the first call
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = failure_reason(exc)
     fused_kernel.log.warning("compiled %s not used (%s); using the eager encoder", name, reason)
     return None
 
