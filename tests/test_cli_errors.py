@@ -145,3 +145,13 @@ def test_inspect_shows_policy_per_tensor(tiny_fp8, tmp_path):
     assert "ideoquant.source.checksum" in proc.stdout
     proc = run_cli("inspect", str(tiny_fp8 / "transformer"))
     assert "float8_e4m3fn" in proc.stdout and "weight_scale" in proc.stdout
+
+
+def test_imatrix_on_a_format_without_an_importance_encoder(tiny_fp8, tmp_path):
+    proc = run_cli("convert", str(tiny_fp8), "--format", "q8_0", "--out", str(tmp_path / "o"), "--imatrix", "ones")
+    assert_one_line_error(proc, "--imatrix has no effect on q8_0")
+    # ggml's quantize_row_*_impl encoders: every 4-bit and K type takes one, Q8_0 none.
+    line = next(l for l in proc.stderr.splitlines() if l.startswith("error:"))
+    named = set(line.split("use one: ")[1].split(")")[0].split(", "))
+    assert named == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    assert_nothing_written(tmp_path / "o")

@@ -18,7 +18,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
 from ..codecs.ggml.base import GGMLType
-from ..codecs.ggml.registry import ggml_type
+from ..codecs.ggml.registry import GGML_TYPES, ggml_type
 from ..errors import IdeoquantError
 from ..io.gguf_writer import ALIGNMENT, GGUFStreamWriter
 from ..io.source import BranchSource, Source
@@ -86,7 +86,8 @@ def write_gguf_branch(
             raise IdeoquantError("--calibration takes its importance matrix from the statistics; leave out --imatrix")
         calibration = GGUFCalibration(Path(options.calibration), bs)
     if options.imatrix is not None and not any(ggml_type(c.qtype).uses_imatrix for c in choices):
-        raise IdeoquantError(f"--imatrix has no effect on {options.fmt} (only q4_0 and the K-quants use one); leave it out")
+        users = ", ".join(t.qtype.name for t in GGML_TYPES.values() if t.uses_imatrix)
+        raise IdeoquantError(f"--imatrix has no effect on {options.fmt} (the types that use one: {users}); leave it out")
     if options.clamp_overflow and not any(c.qtype in CLAMP_LIMITS for c in choices):
         raise IdeoquantError(f"--clamp-overflow applies to f16/bf16 tensors; {options.fmt} stores none")
     path = options.out / gguf_file_name(bs.branch, options.fmt)

@@ -60,8 +60,11 @@ def padded_rows(rows: int, inner: tuple[int, ...]) -> torch.Tensor:
 # make_qkx, 19 in make_qx_quants). The functions below run all candidates of 16 to 48 blocks
 # while those stay in registers and L1 cache, so the searches are bound by arithmetic instead
 # of memory. Each is the array code's arithmetic (`scale_search`, `kquants`, `kquants23`), in
-# the same order; ggml's `nearest_int` is its own bit trick where the array code uses it, and
-# comparisons are written so that NaN propagates as in torch.maximum and torch.clamp. A
+# the same order; ggml's `nearest_int` is its own bit trick where the array code uses it (one
+# AVX-512 rounding instruction in the candidate loops of make_qkx and make_qx_quants, where
+# the two agree: `round_even_clamped`), and comparisons are written so that NaN propagates
+# as in torch.maximum and torch.clamp. Blocks are read position by position (block j in lane
+# j) by register transposes where they lie along a row (`blocks_by_position`). A
 # block's coordinate refinement (make_qp_quants, make_q3_quants) stops in ggml after a pass
 # that changes nothing; running all five passes is the same, as such a pass leaves the state
 # as it was. Each function is checked against the array code before use.
@@ -71,10 +74,32 @@ SEARCH_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* 16 blocks, one per lane of a GCC vector (one AVX-512 register, two AVX ones). */
+/* Blocks side by side, one per lane of a GCC vector of one register: 16 on AVX-512, 8 on
+   AVX (where GCC splits wider vectors, and their selects, into scalar code). */
+#if defined(__AVX512F__)
 #define LANES 16
+#else
+#define LANES 8
+#endif
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* ggml's nearest_int as a float, (v + 1.5*2^23) - 1.5*2^23, where its result is then clamped
+   to a range within +-2^22: one rounding to nearest even on AVX-512. The two differ only
+   outside +-2^22, where both clamp to the same end, and in the sign of a zero (-0 for v in
+   (-0.5, 0)), which the clamps, products and sums that use it do not tell apart. */
+static inline vf round_even_clamped(vf v) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    const vf magic = (vf){0} + 12582912.0f;
+    return (v + magic) - magic;
+#endif
+}
 
 static inline vf load(const float* p) { vf r; memcpy(&r, p, sizeof r); return r; }
 static inline void store(float* p, vf v) { memcpy(p, &v, sizeof v); }
@@ -124,7 +149,7 @@ static inline void qkx_candidates(const vf xs[32][G], const vf ws[32][G], const 
                                   const vf* sx, vf* best, vf* scale, vf* lis, vf* lmin, vf* mn,
                                   vf* mnhi, const float* cs, int64_t ncand, float nmax_f) {
     vf lv[32][G];
-    const vf zero = {0}, nmax = zero + nmax_f, magic = zero + 12582912.0f;
+    const vf zero = {0}, nmax = zero + nmax_f;
     for (int64_t c = 0; c < ncand; ++c) {
         vf isc[G], sl[G], sl2[G], sxl[G], err[G], D[G], ts[G], tm[G];
         for (int g = 0; g < G; ++g) {
@@ -133,9 +158,9 @@ static inline void qkx_candidates(const vf xs[32][G], const vf ws[32][G], const 
         }
         for (int r = 0; r < 32; ++r) {
             for (int g = 0; g < G; ++g) {
-                /* Round half to even by the 1.5*2^23 trick: torch.round wherever the result
-                   survives the clamp to [0, nmax]; NaN stays NaN, as in torch.clamp. */
-                vf q = ((xs[r][g] - mn[g]) * isc[g] + magic) - magic;
+                /* torch.round wherever the result survives the clamp to [0, nmax]; NaN
+                   stays NaN, as in torch.clamp. */
+                vf q = round_even_clamped((xs[r][g] - mn[g]) * isc[g]);
                 q = q < zero ? zero : q;
                 q = q > nmax ? nmax : q;
                 lv[r][g] = q;
@@ -291,7 +316,6 @@ extern "C" void qp_search(const float* x, const float* w, int64_t n, int64_t C, 
     }
 }
 #if defined(__AVX512F__)
-#include <immintrin.h>
 static inline vf vsqrt(vf a) { return (vf)_mm512_sqrt_ps((__m512)a); }
 #else
 static inline vf vsqrt(vf a) {
@@ -534,22 +558,16 @@ extern "C" void qkx16_fit(const float* x, int64_t ldx, const float* w, int64_t l
     }
 }
 
-/* make_qx_quants (rmse_type 1, weights given) on the LANES blocks from b0 on (m exist), as
-   `scale_search.make_qx` computes it. x, w: [rows, B] rows ldx, ldw apart, rows 16 (16
-   positions) or 33 (32 positions, row 16 scratch: in the levels only, as in the array code).
-   cs: the candidate numerators -(nmax + 0.1f*is), is = 0, then -9..-1, 1..9. out [1 + rows, B]:
-   the scale, then the levels + nmax as float. */
-static void qx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, int rows, int64_t B,
-                     float* out, int64_t b0, int m, const float* cs, int ncand, float nmax_f, float eps) {
-    const int n = rows == 33 ? 32 : rows;
-    vf xs[32], ws[32], wx[32];
-    const vf zero = {0}, one = zero + 1.0f, magic = zero + 12582912.0f;
+/* make_qx_quants' search (rmse_type 1, weights given) on LANES blocks, xs and ws their n
+   positions: the scale and iscale of the winning candidate, and the all-zero blocks (largest
+   |x| below eps). cs: the candidate numerators -(nmax + 0.1f*is), is = 0, then -9..-1, 1..9. */
+__attribute__((noinline)) static void qx_candidates(const vf* xs, const vf* ws, int n, const float* cs, int ncand, float nmax_f,
+                                 float eps, vf* scale_out, vf* bisc_out, vi* zero_out) {
+    vf wx[32];
+    const vf zero = {0}, one = zero + 1.0f;
     const vf lo = zero - nmax_f, hi = zero + (nmax_f - 1.0f);
     vf amax = zero, mx = zero;
     for (int r = 0; r < n; ++r) {
-        const int row = rows == 33 && r >= 16 ? r + 1 : r;
-        xs[r] = load_n(x + row * ldx, b0, m);
-        ws[r] = load_n(w + row * ldw, b0, m);
         wx[r] = ws[r] * xs[r];
         const vf ax = vabs(xs[r]);
         const vi gt = ax > amax; /* the first element of largest |x| */
@@ -563,7 +581,7 @@ static void qx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, i
         const vf isc = (zero + cs[c]) / safe;
         vf slx = zero, sl2 = zero;
         for (int r = 0; r < n; ++r) {
-            vf l = ((xs[r] * isc + magic) - magic);
+            vf l = round_even_clamped(xs[r] * isc);
             l = l < lo ? lo : l;
             l = l > hi ? hi : l;
             slx = slx + wx[r] * l;
@@ -581,13 +599,39 @@ static void qx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, i
             bisc = acc ? isc : bisc;
         }
     }
-    store_n(out, b0, m, zero_blk ? zero : scale);
-    for (int r = 0; r < rows; ++r) {
-        vf l = ((load_n(x + r * ldx, b0, m) * bisc + magic) - magic);
-        l = l < lo ? lo : l;
-        l = l > hi ? hi : l;
-        store_n(out + (1 + r) * B, b0, m, zero_blk ? zero : l + nmax_f);
+    *scale_out = zero_blk ? zero : scale;
+    *bisc_out = bisc;
+    *zero_out = zero_blk;
+}
+
+/* A level of make_qx_quants: nearest_int(iscale*x) clamped to [-nmax, nmax - 1], plus nmax. */
+static inline vf qx_level(vf x, vf isc, float nmax_f) {
+    const vf zero = {0}, magic = zero + 12582912.0f, lo = zero - nmax_f, hi = zero + (nmax_f - 1.0f);
+    vf l = ((x * isc + magic) - magic);
+    l = l < lo ? lo : l;
+    l = l > hi ? hi : l;
+    return l + nmax_f;
+}
+
+/* make_qx_quants (rmse_type 1, weights given) on the LANES blocks from b0 on (m exist), as
+   `scale_search.make_qx` computes it. x, w: [rows, B] rows ldx, ldw apart, rows 16 (16
+   positions) or 33 (32 positions, row 16 scratch: in the levels only, as in the array code).
+   out [1 + rows, B]: the scale, then the levels + nmax as float. */
+static void qx_group(const float* x, int64_t ldx, const float* w, int64_t ldw, int rows, int64_t B,
+                     float* out, int64_t b0, int m, const float* cs, int ncand, float nmax_f, float eps) {
+    const int n = rows == 33 ? 32 : rows;
+    vf xs[32], ws[32], scale, bisc;
+    vi zero_blk;
+    for (int r = 0; r < n; ++r) {
+        const int row = rows == 33 && r >= 16 ? r + 1 : r;
+        xs[r] = load_n(x + row * ldx, b0, m);
+        ws[r] = load_n(w + row * ldw, b0, m);
     }
+    qx_candidates(xs, ws, n, cs, ncand, nmax_f, eps, &scale, &bisc, &zero_blk);
+    const vf zero = {0};
+    store_n(out, b0, m, scale);
+    for (int r = 0; r < rows; ++r)
+        store_n(out + (1 + r) * B, b0, m, zero_blk ? zero : qx_level(load_n(x + r * ldx, b0, m), bisc, nmax_f));
 }
 
 extern "C" void qx_search(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t rows, int64_t B,
@@ -600,46 +644,131 @@ extern "C" void qx_search(const float* x, int64_t ldx, const float* w, int64_t l
     }
 }
 
+/* p[0], p[stride], ... p[(n-1)*stride] in the first n lanes, zeros after. */
+static inline vf load_strided(const float* p, int64_t stride, int n) {
+#if defined(__AVX512F__)
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)stride));
+    return (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)((1u << n) - 1u), idx, p, 4);
+#else
+    float t[LANES] = {0};
+    for (int l = 0; l < n; ++l) t[l] = p[l * stride];
+    return load(t);
+#endif
+}
+
+#if defined(__AVX512F__)
+/* out[r] lane j = p[j*stride + r] for r, j < 16: the blocks j of a 16 x 16 tile position by
+   position. */
+static inline void transpose_tile(const float* p, int64_t stride, vf out[16]) {
+    __m512 a[16], b[16];
+    for (int j = 0; j < 16; ++j) a[j] = _mm512_loadu_ps(p + j * stride);
+    for (int j = 0; j < 16; j += 2) {
+        b[j] = _mm512_unpacklo_ps(a[j], a[j + 1]);
+        b[j + 1] = _mm512_unpackhi_ps(a[j], a[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4) {
+        a[j] = _mm512_shuffle_ps(b[j], b[j + 2], 0x44);
+        a[j + 1] = _mm512_shuffle_ps(b[j], b[j + 2], 0xEE);
+        a[j + 2] = _mm512_shuffle_ps(b[j + 1], b[j + 3], 0x44);
+        a[j + 3] = _mm512_shuffle_ps(b[j + 1], b[j + 3], 0xEE);
+    }
+    for (int j = 0; j < 16; j += 8)
+        for (int i = 0; i < 4; ++i) {
+            b[j + i] = _mm512_shuffle_f32x4(a[j + i], a[j + i + 4], 0x88);
+            b[j + i + 4] = _mm512_shuffle_f32x4(a[j + i], a[j + i + 4], 0xDD);
+        }
+    for (int i = 0; i < 8; ++i) {
+        out[i] = (vf)_mm512_shuffle_f32x4(b[i], b[i + 8], 0x88);
+        out[i + 8] = (vf)_mm512_shuffle_f32x4(b[i], b[i + 8], 0xDD);
+    }
+}
+#endif
+
+/* Positions 0..31 of the n blocks of 32 from p on, block j in lane j (zeros past n). */
+static inline void blocks_by_position(const float* p, int n, vf out[32]) {
+#if defined(__AVX512F__)
+    if (n == LANES) {
+        transpose_tile(p, 32, out);
+        transpose_tile(p + 16, 32, out + 16);
+        return;
+    }
+#endif
+    for (int r = 0; r < 32; ++r) out[r] = load_strided(p + r, 32, n);
+}
+
+/* sum(x^2)/k of each row of x [m, k], summed in order over the row as ggml does, LANES rows
+   side by side: one row's sum waits on the latency of its additions, the others fill it in. */
+static void row_sigma2(const float* x, int64_t m, int64_t k, float* sigma2, int64_t threads) {
+    const int64_t tiles = (m + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t i0 = t * LANES;
+        const int n = (int)(m - i0 < LANES ? m - i0 : LANES);
+        vf s = {0};
+        for (int64_t j = 0; j < k; ++j) {
+            const vf v = load_strided(x + i0 * k + j, k, n);
+            s = s + v * v;
+        }
+        float t[LANES];
+        store(t, s);
+        for (int l = 0; l < n; ++l) sigma2[i0 + l] = t[l] / (float)k;
+    }
+}
+
+typedef uint8_t vb __attribute__((vector_size(LANES)));
+
 /* make_qx_quants on every 32-weight block of the rows x [m, k] (Q4_0 and Q5_0 with an
    importance matrix), with the _impl encoders' weights qw*sqrtf(sigma2 + x^2) made on the fly
    in row_weights' arithmetic (sigma2 = sum(x^2)/k in order over the row; qw rows ldq apart,
-   0: one vector for every row). Each vector of blocks is turned into qx_group's gapped
-   position-major layout in a local buffer, so the search is qx_group's. scale [m*k/32];
-   L [m*k/32, 32] = levels + nmax (0 for all-zero blocks). */
+   0: one vector for every row). Each vector of LANES blocks is read position by position
+   (block j in lane j) for qx_candidates; the levels are then made block by block from the row.
+   scale [m*k/32]; L [m*k/32, 32] = levels + nmax (0 for all-zero blocks). */
 extern "C" void qx_rows(const float* x, int64_t m, int64_t k, const float* qw, int64_t ldq, float* scale,
                         uint8_t* L, const float* cs, int64_t ncand, float nmax, float eps, int64_t threads) {
     const int64_t nb = k / 32, groups = (nb + LANES - 1) / LANES;
+    float* sigma2 = new float[m > 0 ? m : 1];
+    row_sigma2(x, m, k, sigma2, threads);
+    /* One importance vector for every row: its blocks by position once, for all rows. */
+    vf* shared_qw = ldq == 0 ? new vf[groups * 32] : nullptr;
+    for (int64_t g = 0; shared_qw && g < groups; ++g)
+        blocks_by_position(qw + g * LANES * 32, (int)(nb - g * LANES < LANES ? nb - g * LANES : LANES), shared_qw + g * 32);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < m; ++i) {
         const float* xr = x + i * k;
         const float* q = qw + i * ldq;
-        float s = 0.0f;
-        for (int64_t j = 0; j < k; ++j) s = s + xr[j] * xr[j]; /* in order: no reassociation */
-        const float sigma2 = s / (float)k;
+        const vf s2 = (vf){0} + sigma2[i];
         for (int64_t g = 0; g < groups; ++g) {
             const int64_t b0 = g * LANES;
             const int mb = (int)(nb - b0 < LANES ? nb - b0 : LANES);
-            float xt[33 * LANES], wt[33 * LANES], out[34 * LANES];
-            memset(xt, 0, sizeof xt);
-            memset(wt, 0, sizeof wt);
-            for (int j = 0; j < mb; ++j) {
-                const int64_t base = (b0 + j) * 32;
-                for (int r = 0; r < 32; ++r) {
-                    const int row = r + (r >= 16);
-                    const float v = xr[base + r];
-                    xt[row * LANES + j] = v;
-                    wt[row * LANES + j] = q[base + r] * __builtin_sqrtf(v * v + sigma2);
-                }
-            }
-            qx_group(xt, LANES, wt, LANES, 33, LANES, out, 0, LANES, cs, (int)ncand, nmax, eps);
+            vf xs[32], ws[32], sc, bisc;
+            vi zero_blk;
+            blocks_by_position(xr + b0 * 32, mb, xs);
+            if (shared_qw) memcpy(ws, shared_qw + g * 32, sizeof ws);
+            else blocks_by_position(q + b0 * 32, mb, ws);
+            for (int r = 0; r < 32; ++r) ws[r] = ws[r] * vsqrt(xs[r] * xs[r] + s2);
+            qx_candidates(xs, ws, 32, cs, (int)ncand, nmax, eps, &sc, &bisc, &zero_blk);
+            float scales[LANES], iscales[LANES];
+            int32_t zeros[LANES];
+            store(scales, sc);
+            store(iscales, bisc);
+            memcpy(zeros, &zero_blk, sizeof zeros);
             for (int j = 0; j < mb; ++j) {
                 const int64_t blk = i * nb + b0 + j;
-                scale[blk] = out[j];
+                scale[blk] = scales[j];
                 uint8_t* lb = L + blk * 32;
-                for (int r = 0; r < 32; ++r) lb[r] = (uint8_t)out[(1 + r + (r >= 16)) * LANES + j];
+                if (zeros[j]) { memset(lb, 0, 32); continue; }
+                const vf isc = (vf){0} + iscales[j];
+                for (int h = 0; h < 32; h += LANES) {
+                    const vb b = __builtin_convertvector(__builtin_convertvector(
+                        qx_level(load(xr + (b0 + j) * 32 + h), isc, nmax), vi), vb);
+                    memcpy(lb + h, &b, LANES);
+                }
             }
         }
     }
+    delete[] sigma2;
+    delete[] shared_qw;
 }
 
 /* quantize_row_q8_0_ref on one block: d = amax/127 (amax the largest fabsf, as ggml's MAX
@@ -1047,16 +1176,22 @@ extern "C" void q3_search(const float* x, int64_t n, int64_t C, int64_t nmax, fl
    and w = qw*sqrtf(sigma2 + x^2); qw rows ldq apart (0: one vector for every row). */
 extern "C" void row_weights(const float* x, int64_t m, int64_t k, const float* qw, int64_t ldq, float* w,
                             int64_t threads) {
+    float* sigma2 = new float[m > 0 ? m : 1];
+    row_sigma2(x, m, k, sigma2, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < m; ++i) {
         const float* xr = x + i * k;
         const float* q = qw + i * ldq;
         float* wr = w + i * k;
-        float s = 0.0f;
-        for (int64_t j = 0; j < k; ++j) s = s + xr[j] * xr[j]; /* in order: no reassociation */
-        const float sigma2 = s / (float)k;
-        for (int64_t j = 0; j < k; ++j) wr[j] = q[j] * __builtin_sqrtf(xr[j] * xr[j] + sigma2);
+        const vf s2 = (vf){0} + sigma2[i];
+        int64_t j = 0;
+        for (; j + LANES <= k; j += LANES) {
+            const vf v = load(xr + j);
+            store(wr + j, load(q + j) * vsqrt(v * v + s2));
+        }
+        for (; j < k; ++j) wr[j] = q[j] * __builtin_sqrtf(xr[j] * xr[j] + sigma2[i]);
     }
+    delete[] sigma2;
 }
 
 /* Super-blocks x [nsb, 256] in position-major layout: out [rows, 256/sub, nsb], rows ldo
