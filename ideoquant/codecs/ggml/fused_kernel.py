@@ -858,43 +858,43 @@ extern "C" void ref32_encode(const float* x, int64_t B, int64_t kind, uint8_t* o
    Q3_K, its hmask (bit p/32 of byte p%32: bit 2 of weight p's level) at out + b*ld. */
 extern "C" void k16_pack(const float* X, const float* K, const float* dj, const float* dmj, int64_t nsb, int64_t kind,
                          uint8_t* out, int64_t ld, int64_t qs_at, int64_t threads) {
-    const int lo = kind == 0 ? 0 : -4, hi = 3, shift = kind == 0 ? 0 : 4;
+    const vi lo = (vi){0} + (kind == 0 ? 0 : -4), hi = (vi){0} + 3, shift = (vi){0} + (kind == 0 ? 0 : 4);
+    const int64_t groups = (nsb + LANES - 1) / LANES;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < nsb; ++b) {
-        uint8_t L[256];
+    for (int64_t g = 0; g < groups; ++g) {
+        /* LANES super-blocks side by side (lane j: super-block b0 + j), read where they lie. */
+        const int64_t b0 = g * LANES;
+        const int m = (int)(nsb - b0 < LANES ? nsb - b0 : LANES);
+        const vf zero = {0};
+        vi L[256];
         for (int s = 0; s < 16; ++s) {
-            const float d = dj[s * nsb + b], dm = kind == 0 ? dmj[s * nsb + b] : 0.0f;
+            const vf d = load_n(dj + s * nsb, b0, m), dm = kind == 0 ? load_n(dmj + s * nsb, b0, m) : zero;
+            const vi kept = d == zero;
             for (int p = 0; p < 16; ++p) {
-                const int64_t at = ((int64_t)p * 16 + s) * nsb + b;
-                int l;
-                if (d == 0.0f) {
-                    l = (int)K[at];
-                } else {
-                    const float v = kind == 0 ? (X[at] + dm) / d : X[at] / d;
-                    float t = v + 12582912.0f;
-                    int32_t bits;
-                    memcpy(&bits, &t, 4);
-                    l = (bits & 0x007FFFFF) - 0x00400000;
-                    l = (l < hi ? l : hi);
-                    l = (l > lo ? l : lo) + shift;
-                }
-                L[16 * s + p] = (uint8_t)l;
+                const int64_t at = ((int64_t)p * 16 + s) * nsb;
+                const vf x = load_n(X + at, b0, m);
+                vi l = nearest_int(kind == 0 ? (x + dm) / d : x / d);
+                l = l < hi ? l : hi;
+                l = (l > lo ? l : lo) + shift;
+                L[16 * s + p] = kept ? __builtin_convertvector(load_n(K + at, b0, m), vi) : l;
             }
         }
-        uint8_t* row = out + b * ld;
+        int32_t t[LANES];
         if (kind == 1) {
-            uint8_t hm[32] = {0};
-            for (int w = 0; w < 256; ++w) {
-                hm[w % 32] |= (uint8_t)(((L[w] >> 2) & 1) << (w / 32));
-                L[w] &= 3;
+            for (int i = 0; i < 32; ++i) {
+                vi hm = {0};
+                for (int k = 0; k < 8; ++k) hm = hm | (((L[32 * k + i] >> 2) & 1) << k);
+                memcpy(t, &hm, sizeof t);
+                for (int j = 0; j < m; ++j) out[(b0 + j) * ld + i] = (uint8_t)t[j];
             }
-            memcpy(row, hm, 32);
+            for (int w = 0; w < 256; ++w) L[w] = L[w] & 3;
         }
-        uint8_t* qs = row + qs_at;
         for (int h = 0; h < 2; ++h)
             for (int i = 0; i < 32; ++i) {
-                const uint8_t* q = L + 128 * h + i;
-                qs[32 * h + i] = (uint8_t)(q[0] | (q[32] << 2) | (q[64] << 4) | (q[96] << 6));
+                const vi* q = L + 128 * h + i;
+                const vi v = q[0] | (q[32] << 2) | (q[64] << 4) | (q[96] << 6);
+                memcpy(t, &v, sizeof t);
+                for (int j = 0; j < m; ++j) out[(b0 + j) * ld + qs_at + 32 * h + i] = (uint8_t)t[j];
             }
     }
 }
@@ -1111,63 +1111,78 @@ extern "C" void iq4_candidate_sums(const float* x, int64_t ldx, const float* w, 
     }
 }
 
-/* make_q3_quants(n, nmax, do_rmse = true) on the LANES columns from b0 on (m exist) of x
-   [n, C] (n <= 16), as `kquants23.make_q3` computes it: out [1 + n, C] = scale, then
-   L + nmax (0 for all-zero blocks). */
-static void q3_group(const float* x, int64_t n, int64_t C, float* out, int64_t b0, int m, int nmax, float eps) {
-    vf xs[16], w[16], wx[16], lv[16];
+/* make_q3_quants(n, nmax, do_rmse = true) on the G*LANES columns from b0 on (cols of them
+   exist) of x [n, C] (n <= 16), as `kquants23.make_q3` computes it: out [1 + n, C] = scale,
+   then L + nmax (0 for all-zero blocks). Each block's refinement is a chain of dependent
+   steps (a division in each), so G vectors of blocks run side by side to fill its latency. */
+static void q3_group(const float* x, int64_t n, int64_t C, float* out, int64_t b0, int cols, int nmax, float eps) {
+    vf xs[16][G], w[16][G], wx[16][G], lv[16][G];
+    vf sumlx[G], suml2[G];
+    vi is_zero[G];
     const vf zero = {0}, one = zero + 1.0f;
     const vi lo = (vi){0} - nmax, hi = (vi){0} + (nmax - 1);
-    vf amax = zero, mx = zero;
-    for (int64_t i = 0; i < n; ++i) {
-        xs[i] = load_n(x + i * C, b0, m);
-        const vf ax = vabs(xs[i]);
-        const vi take = ax > amax;
-        amax = take ? ax : amax;
-        mx = take ? xs[i] : mx;
-        w[i] = xs[i] * xs[i];
-        wx[i] = w[i] * xs[i];
-    }
-    const vi is_zero = amax < eps;
-    const vf iscale = (zero - (float)nmax) / (is_zero ? one : mx);
-    vf sumlx = zero, suml2 = zero;
-    for (int64_t i = 0; i < n; ++i) {
-        vi l = nearest_int(iscale * xs[i]);
-        l = l < lo ? lo : l;
-        l = l > hi ? hi : l;
-        lv[i] = to_float(l);
-        sumlx = sumlx + wx[i] * lv[i];
-        suml2 = suml2 + w[i] * lv[i] * lv[i];
+    for (int g = 0; g < G; ++g) {
+        const int m = lanes_of(g, cols);
+        vf amax = zero, mx = zero;
+        for (int64_t i = 0; i < n; ++i) {
+            xs[i][g] = load_n(x + i * C, b0 + g * LANES, m);
+            const vf ax = vabs(xs[i][g]);
+            const vi take = ax > amax;
+            amax = take ? ax : amax;
+            mx = take ? xs[i][g] : mx;
+            w[i][g] = xs[i][g] * xs[i][g];
+            wx[i][g] = w[i][g] * xs[i][g];
+        }
+        is_zero[g] = amax < eps;
+        const vf iscale = (zero - (float)nmax) / (is_zero[g] ? one : mx);
+        vf slx = zero, sl2 = zero;
+        for (int64_t i = 0; i < n; ++i) {
+            vi l = nearest_int(iscale * xs[i][g]);
+            l = l < lo ? lo : l;
+            l = l > hi ? hi : l;
+            lv[i][g] = to_float(l);
+            slx = slx + wx[i][g] * lv[i][g];
+            sl2 = sl2 + w[i][g] * lv[i][g] * lv[i][g];
+        }
+        sumlx[g] = slx;
+        suml2[g] = sl2;
     }
     for (int pass = 0; pass < 5; ++pass) {
         for (int64_t i = 0; i < n; ++i) {
-            const vf li = lv[i];
-            vf slx = sumlx - wx[i] * li;
-            vi ok = slx > zero;
-            vf sl2 = suml2 - w[i] * li * li;
-            vi l = nearest_int(xs[i] * sl2 / slx);
-            l = l < lo ? lo : l;
-            l = l > hi ? hi : l;
-            const vf nl = to_float(l);
-            ok = ok & (nl != li);
-            slx = slx + wx[i] * nl;
-            sl2 = sl2 + w[i] * nl * nl;
-            ok = ok & (sl2 > zero) & (slx * slx * suml2 > sumlx * sumlx * sl2);
-            lv[i] = ok ? nl : li;
-            sumlx = ok ? slx : sumlx;
-            suml2 = ok ? sl2 : suml2;
+            for (int g = 0; g < G; ++g) {
+                const vf li = lv[i][g];
+                vf slx = sumlx[g] - wx[i][g] * li;
+                vi ok = slx > zero;
+                vf sl2 = suml2[g] - w[i][g] * li * li;
+                vi l = nearest_int(xs[i][g] * sl2 / slx);
+                l = l < lo ? lo : l;
+                l = l > hi ? hi : l;
+                const vf nl = to_float(l);
+                ok = ok & (nl != li);
+                slx = slx + wx[i][g] * nl;
+                sl2 = sl2 + w[i][g] * nl * nl;
+                ok = ok & (sl2 > zero) & (slx * slx * suml2[g] > sumlx[g] * sumlx[g] * sl2);
+                lv[i][g] = ok ? nl : li;
+                sumlx[g] = ok ? slx : sumlx[g];
+                suml2[g] = ok ? sl2 : suml2[g];
+            }
         }
     }
-    store_n(out, b0, m, ((suml2 > zero) & ~is_zero) ? sumlx / suml2 : zero);
-    for (int64_t i = 0; i < n; ++i) store_n(out + (1 + i) * C, b0, m, is_zero ? zero : lv[i] + (float)nmax);
+    for (int g = 0; g < G; ++g) {
+        const int m = lanes_of(g, cols);
+        if (m == 0) continue;
+        const int64_t c0 = b0 + g * LANES;
+        store_n(out, c0, m, ((suml2[g] > zero) & ~is_zero[g]) ? sumlx[g] / suml2[g] : zero);
+        for (int64_t i = 0; i < n; ++i) store_n(out + (1 + i) * C, c0, m, is_zero[g] ? zero : lv[i][g] + (float)nmax);
+    }
 }
 
 extern "C" void q3_search(const float* x, int64_t n, int64_t C, int64_t nmax, float eps, float* out, int64_t threads) {
-    const int64_t groups = (C + LANES - 1) / LANES;
+    const int64_t groups = (C + G * LANES - 1) / (G * LANES);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
-        const int64_t b0 = g * LANES;
-        q3_group(x, n, C, out, b0, (int)(C - b0 < LANES ? C - b0 : LANES), (int)nmax, eps);
+        const int64_t b0 = g * G * LANES;
+        q3_group(x, n, C, out, b0, (int)(C - b0 < G * LANES ? C - b0 : G * LANES), (int)nmax, eps);
     }
 }
 
