@@ -1,9 +1,9 @@
-"""The C++ kernels built for a CPU without AVX-512 (8 blocks per vector instead of 16: what
-most desktop CPUs run) give ggml's bytes too.
+"""The C++ kernels built for CPUs without AVX-512 give ggml's bytes too: 8 blocks per vector
+on AVX (what most desktop CPUs run), 4 with SSE only (as on NEON), instead of 16.
 
 The encoder and error tests, which hold the kernels to ggml's own outputs
 (`tests/data/ggml_quants.npz`) and assert that each kernel passed its self-check, run again
-in a child process whose compiler is told to leave AVX-512 out."""
+in a child process whose compiler is told to leave AVX-512 (or all of AVX) out."""
 
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX-512 is an x86 extension")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX is an x86 extension")
 @pytest.mark.skipif(_compiler() is None, reason="no C++ compiler")
-def test_kernels_without_avx512_give_ggml_bytes(tmp_path):
+@pytest.mark.parametrize("flag, left_out", [("-mno-avx512f", "__AVX512F__"), ("-mno-avx", "__AVX__")])
+def test_kernels_without_wide_vectors_give_ggml_bytes(tmp_path, flag, left_out):
     wrapper = tmp_path / "c++"
-    wrapper.write_text(f'#!/bin/sh\nexec "{_compiler()}" "$@" -mno-avx512f\n')
+    wrapper.write_text(f'#!/bin/sh\nexec "{_compiler()}" "$@" {flag}\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     probe = subprocess.run([str(wrapper), "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
                            capture_output=True, text=True, check=True)
-    assert "__AVX512F__" not in probe.stdout  # the child's kernels take the 8-lane code
+    assert left_out not in probe.stdout  # the child's kernels take the 8- or 4-lane code
 
     cache = tmp_path / "kernels"
     env = dict(os.environ, CXX=str(wrapper), IDEOQUANT_KERNEL_CACHE=str(cache), IDEOQUANT_FUSED="1")

@@ -74,12 +74,15 @@ SEARCH_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* Blocks side by side, one per lane of a GCC vector of one register: 16 on AVX-512, 8 on
-   AVX (where GCC splits wider vectors, and their selects, into scalar code). */
+/* Blocks side by side, one per lane of a GCC vector the size of one register: 16 on AVX-512,
+   8 on AVX, 4 elsewhere (SSE, NEON). GCC splits a wider vector, selects included, into
+   scalar code, several times slower. */
 #if defined(__AVX512F__)
 #define LANES 16
-#else
+#elif defined(__AVX__)
 #define LANES 8
+#else
+#define LANES 4
 #endif
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
