@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ideoquant.codecs.ggml import fused_kernel
 from ideoquant.codecs.ggml.registry import ggml_type
 from ideoquant.codecs.ggml.scale_search import fused_search_available
 
@@ -84,7 +85,9 @@ def main() -> None:
         tensors = {s: w[: args.rows].contiguous() for s, w in tensors.items()}
     ggml = ggml_encoder(args.ggml) if args.ggml else None
     fused = fused_search_available()  # compiles the kernel here, outside the timings
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compiled Q4_K/Q5_K kernel: {'on' if fused else 'off'}")
+    lanes = fused_kernel.search_lanes()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compiled Q4_K/Q5_K kernel: {'on' if fused else 'off'}"
+          f"{f', {lanes} blocks per vector' if lanes else ''}")
     head = f"{'type':6s} {'path':8s} {'shape':>12s} {'seconds':>9s} {'M weights/s':>12s}"
     print(head + (f" {'ggml 1 thr':>11s} {'ratio':>6s} same" if ggml else ""))
     for name in args.types.split(","):

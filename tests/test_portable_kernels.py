@@ -27,8 +27,8 @@ def _compiler() -> str | None:
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX is an x86 extension")
 @pytest.mark.skipif(_compiler() is None, reason="no C++ compiler")
-@pytest.mark.parametrize("flag, left_out", [("-mno-avx512f", "__AVX512F__"), ("-mno-avx", "__AVX__")])
-def test_kernels_without_wide_vectors_give_ggml_bytes(tmp_path, flag, left_out):
+@pytest.mark.parametrize("flag, left_out, lanes", [("-mno-avx512f", "__AVX512F__", 8), ("-mno-avx", "__AVX__", 4)])
+def test_kernels_without_wide_vectors_give_ggml_bytes(tmp_path, flag, left_out, lanes):
     wrapper = tmp_path / "c++"
     wrapper.write_text(f'#!/bin/sh\nexec "{_compiler()}" "$@" {flag}\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
@@ -38,6 +38,9 @@ def test_kernels_without_wide_vectors_give_ggml_bytes(tmp_path, flag, left_out):
 
     cache = tmp_path / "kernels"
     env = dict(os.environ, CXX=str(wrapper), IDEOQUANT_KERNEL_CACHE=str(cache), IDEOQUANT_FUSED="1")
+    built = subprocess.run([sys.executable, "-c", "from ideoquant.codecs.ggml import fused_kernel as f; print(f.search_lanes())"],
+                           cwd=TESTS.parent, env=env, capture_output=True, text=True)
+    assert built.stdout.strip() == str(lanes), built.stderr[-2000:]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            *(str(TESTS / name) for name in KERNEL_TESTS)],
                           cwd=TESTS.parent, env=env, capture_output=True, text=True)

@@ -84,6 +84,8 @@ SEARCH_SOURCE = r"""
 #else
 #define LANES 4
 #endif
+
+extern "C" int64_t search_lanes(void) { return LANES; }
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
@@ -1305,6 +1307,8 @@ def search_library():
         lib.q3_search.restype = None
         lib.row_weights.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64]
         lib.row_weights.restype = None
+        lib.search_lanes.argtypes = []
+        lib.search_lanes.restype = i64
         lib.pos_major.argtypes = [ptr, i64, i64, i64, ptr, i64, i64]
         lib.pos_major.restype = None
         return lib
@@ -1573,6 +1577,12 @@ def q3_search_cpp(kernel: Callable[..., None], x: torch.Tensor, consts: torch.Te
     out = torch.empty((n + 1, cols), dtype=torch.float32)
     kernel(x.data_ptr(), n, cols, int(-consts[0]), float(consts[3]), out.data_ptr(), max(1, torch.get_num_threads()))
     return out
+
+
+def search_lanes() -> int | None:
+    """Blocks per vector in the built kernels (16 with AVX-512, 8 with AVX, 4 otherwise), or None without them."""
+    lib = search_library()
+    return None if lib is None else int(lib.search_lanes())
 
 
 def compiled_row_weights() -> Callable[..., None] | None:
