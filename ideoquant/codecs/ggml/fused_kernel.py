@@ -563,6 +563,13 @@ extern "C" void qkx16_fit(const float* x, int64_t ldx, const float* w, int64_t l
     }
 }
 
+/* nearest_int(v) clamped to [lo, hi], make_qx_quants' signed level. */
+static inline vf qx_clamped(vf v, vf lo, vf hi) {
+    const vf l = round_even_clamped(v);
+    const vf a = l < lo ? lo : l;
+    return a > hi ? hi : a;
+}
+
 /* make_qx_quants' search (rmse_type 1, weights given) on LANES blocks, xs and ws their n
    positions: the scale and iscale of the winning candidate, and the all-zero blocks (largest
    |x| below eps). cs: the candidate numerators -(nmax + 0.1f*is), is = 0, then -9..-1, 1..9.
@@ -587,9 +594,7 @@ __attribute__((noinline)) static void qx_candidates(const vf* xs, const vf* ws, 
         const vf isc = (zero + cs[c]) / safe;
         vf slx = zero, sl2 = zero;
         for (int r = 0; r < n; ++r) {
-            vf l = round_even_clamped(xs[r] * isc);
-            l = l < lo ? lo : l;
-            l = l > hi ? hi : l;
+            const vf l = qx_clamped(xs[r] * isc, lo, hi);
             slx = slx + wx[r] * l;
             sl2 = sl2 + (ws[r] * l) * l;
         }
@@ -610,13 +615,11 @@ __attribute__((noinline)) static void qx_candidates(const vf* xs, const vf* ws, 
     *zero_out = zero_blk;
 }
 
-/* A level of make_qx_quants: nearest_int(iscale*x) clamped to [-nmax, nmax - 1], plus nmax. */
+/* A level of make_qx_quants as stored: nearest_int(iscale*x) clamped to [-nmax, nmax - 1],
+   plus nmax. */
 static inline vf qx_level(vf x, vf isc, float nmax_f) {
-    const vf zero = {0}, magic = zero + 12582912.0f, lo = zero - nmax_f, hi = zero + (nmax_f - 1.0f);
-    vf l = ((x * isc + magic) - magic);
-    l = l < lo ? lo : l;
-    l = l > hi ? hi : l;
-    return l + nmax_f;
+    const vf zero = {0};
+    return qx_clamped(x * isc, zero - nmax_f, zero + (nmax_f - 1.0f)) + nmax_f;
 }
 
 /* make_qx_quants (rmse_type 1, weights given) on the LANES blocks from b0 on (m exist), as
